@@ -1,0 +1,221 @@
+"""Rates of a diagonal Gaussian posterior against the N(0, I) prior, in bits.
+
+All public quantities are base 2. For one latent channel with posterior ``N(mu, sigma^2)``:
+
+    R_c = 0.5 * (mu^2 + sigma^2 - 1 - ln sigma^2) / ln 2          [bits]
+
+A *group* (one sub-codebook vector) is ``m`` channels; its rate ``R_g`` is the sum of its
+channels' rates. Gaussian Quant with a codebook of ``K`` Gaussian vectors is nearly lossless
+when ``R_g <= log2 K`` (the paper's Theorem 3.1) and degrades quickly above it (Theorem 3.2),
+which is what the Target Divergence Constraint (:mod:`gq_plugin.tdc`) enforces.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .codebook import check_grouping, divisors, group_channels
+
+LN2 = math.log(2.0)
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+def kl_bits_per_channel(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL( N(mean, exp(logvar)) || N(0, 1) ) per element, in bits (float32 or wider)."""
+    if mean.shape != logvar.shape:
+        raise ValueError(f"mean and logvar must have the same shape, got {tuple(mean.shape)} and {tuple(logvar.shape)}")
+    dtype = torch.promote_types(mean.dtype, torch.float32)
+    mean = mean.to(dtype)
+    logvar = logvar.to(dtype)
+    return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar) / LN2
+
+
+def group_rates(
+    mean: torch.Tensor,
+    logvar: torch.Tensor,
+    codebook_dim: int,
+    grouping: str = "contiguous",
+) -> torch.Tensor:
+    """Per-group rate ``R_g`` in bits for channel-last tensors: ``(..., C) -> (..., G)``."""
+    kl = kl_bits_per_channel(mean, logvar)
+    return group_channels(kl, codebook_dim, grouping).sum(-1)
+
+
+def bits_per_token(num_codebooks: int, codebook_size: int) -> float:
+    """Bits carried by one latent token: ``num_codebooks * log2 K``."""
+    return num_codebooks * math.log2(codebook_size)
+
+
+def bits_per_pixel(num_codebooks: int, codebook_size: int, pixels_per_token: int) -> float:
+    """Nominal bits per pixel: ``num_codebooks * log2 K / pixels_per_token``.
+
+    >>> bits_per_pixel(1, 2**16, 8 * 8)   # SD3 VAE (f8, 16 ch), m=16, K=2^16
+    0.25
+    """
+    if pixels_per_token <= 0:
+        raise ValueError(f"pixels_per_token must be positive, got {pixels_per_token}")
+    return bits_per_token(num_codebooks, codebook_size) / pixels_per_token
+
+
+@dataclass
+class RateStats:
+    """Summary statistics of a batch of group rates (bits)."""
+
+    mean: float
+    min: float
+    max: float
+    std: float
+    quantiles: dict[float, float]
+    histogram: torch.Tensor  # counts per bin
+    bin_edges: torch.Tensor
+    count: int
+
+    def as_dict(self, prefix: str = "bits") -> dict[str, float]:
+        out = {f"{prefix}-mean": self.mean, f"{prefix}-min": self.min, f"{prefix}-max": self.max, f"{prefix}-std": self.std}
+        out.update({f"{prefix}-q{int(q * 100):02d}": v for q, v in self.quantiles.items()})
+        return out
+
+
+def rate_statistics(
+    rates: torch.Tensor,
+    bins: int = 64,
+    range: tuple[float, float] | None = None,
+    quantiles: tuple[float, ...] = (0.01, 0.5, 0.99),
+) -> RateStats:
+    """Min / mean / max / std / quantiles and a histogram of any tensor of rates (bits)."""
+    r = rates.detach().reshape(-1).to("cpu", torch.float64)
+    if r.numel() == 0:
+        raise ValueError("rates is empty")
+    if not torch.isfinite(r).all():
+        raise ValueError("rates contains non-finite values")
+    lo, hi = (float(r.min()), float(r.max())) if range is None else range
+    if hi <= lo:
+        hi = lo + 1.0
+    hist = torch.histc(r, bins=bins, min=lo, max=hi)
+    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+    q = torch.quantile(r, torch.tensor(quantiles, dtype=torch.float64)) if r.numel() < 2**24 else None
+    qd = {float(a): float(b) for a, b in zip(quantiles, q)} if q is not None else {}
+    return RateStats(
+        mean=float(r.mean()),
+        min=float(r.min()),
+        max=float(r.max()),
+        std=float(r.std()) if r.numel() > 1 else 0.0,
+        quantiles=qd,
+        histogram=hist,
+        bin_edges=edges,
+        count=r.numel(),
+    )
+
+
+# --------------------------------------------------------------------------- recommendation
+
+
+@dataclass
+class CodebookOption:
+    """One candidate ``(K, m)`` for a model, with its predicted cost."""
+
+    codebook_dim: int
+    log2_codebook_size: int
+    num_codebooks: int
+    bits_per_token: float
+    mean_group_rate: float
+    frac_over_budget: float  # share of groups with R_g > log2 K + tolerance
+    mean_excess_bits: float  # E[max(R_g - log2 K, 0)]: information GQ must throw away
+
+    @property
+    def codebook_size(self) -> int:
+        return 2**self.log2_codebook_size
+
+
+@dataclass
+class CodebookRecommendation:
+    """Result of :func:`recommend_codebook`: the chosen option plus every option considered."""
+
+    codebook_size: int
+    codebook_dim: int
+    chosen: CodebookOption
+    options: list[CodebookOption] = field(default_factory=list)
+    reasoning: str = ""
+
+    def table(self) -> str:
+        """Markdown table of every option considered."""
+        rows = [
+            "| m | log2 K | codebooks/token | bits/token | mean R_g | P(R_g > log2K + tol) | E[excess bits] |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for o in self.options:
+            mark = " **(chosen)**" if o is self.chosen else ""
+            rows.append(
+                f"| {o.codebook_dim}{mark} | {o.log2_codebook_size} | {o.num_codebooks} | {o.bits_per_token:.0f} | "
+                f"{o.mean_group_rate:.2f} | {o.frac_over_budget:.3f} | {o.mean_excess_bits:.3f} |"
+            )
+        return "\n".join(rows)
+
+
+def recommend_codebook(
+    channel_rates: torch.Tensor,
+    grouping: str = "contiguous",
+    max_log2_codebook_size: int = 18,
+    min_log2_codebook_size: int = 1,
+    tolerance: float = 0.5,
+    codebook_dims: list[int] | None = None,
+) -> CodebookRecommendation:
+    """Recommend ``(K, m)`` for a model from its per-channel rates.
+
+    ``channel_rates`` is ``(N, C)``: for N tokens (spatial positions of many images), the KL
+    of each of the C latent channels in bits (:func:`kl_bits_per_channel`).
+
+    Reasoning (the paper's theorems): GQ's error is small for a group when ``log2 K >= R_g``
+    and grows fast when ``log2 K < R_g``. For each codebook dimension ``m`` dividing C we
+    group the channels, set ``log2 K = ceil(mean R_g)`` (the smallest power-of-two codebook
+    that covers the *average* group, i.e. the rate a TDC fine-tune would equalise at), clipped
+    to ``[min_log2_codebook_size, max_log2_codebook_size]`` because search cost grows
+    linearly with K. Options whose K would need to exceed the cap are kept but penalised by
+    the information they throw away (``E[max(R_g - log2 K, 0)]``). Among options we prefer,
+    in order: the least expected excess bits per token, then the larger ``m`` (the paper's
+    ablation: larger m reconstructs better at equal bits), then fewer bits per token.
+    The fraction of groups above ``log2 K + tolerance`` predicts how much a TDC fine-tune has
+    to move the model before the conversion becomes nearly lossless: near 0 means GQ can
+    be applied directly; large means fine-tune with TDC first.
+    """
+    if channel_rates.ndim != 2:
+        raise ValueError(f"channel_rates must be (N, C), got shape {tuple(channel_rates.shape)}")
+    if not torch.isfinite(channel_rates).all():
+        raise ValueError("channel_rates contains non-finite values")
+    if max_log2_codebook_size < min_log2_codebook_size:
+        raise ValueError("max_log2_codebook_size must be >= min_log2_codebook_size")
+    rates = channel_rates.detach().to("cpu", torch.float64)
+    channels = rates.shape[1]
+    dims = codebook_dims or divisors(channels)
+    options = []
+    for m in dims:
+        check_grouping(channels, m, grouping)
+        rg = group_channels(rates, m, grouping).sum(-1)  # (N, G)
+        mean_rg = float(rg.mean())
+        log2k = int(min(max(math.ceil(mean_rg - 1e-9), min_log2_codebook_size), max_log2_codebook_size))
+        excess = (rg - log2k).clamp_min(0)
+        options.append(
+            CodebookOption(
+                codebook_dim=m,
+                log2_codebook_size=log2k,
+                num_codebooks=channels // m,
+                bits_per_token=channels // m * log2k,
+                mean_group_rate=mean_rg,
+                frac_over_budget=float((rg > log2k + tolerance).double().mean()),
+                mean_excess_bits=float(excess.sum(-1).mean()),
+            )
+        )
+    chosen = min(options, key=lambda o: (round(o.mean_excess_bits, 1), -o.codebook_dim, o.bits_per_token))
+    reasoning = (
+        f"mean channel rate {float(rates.mean()):.3f} bits; chose m={chosen.codebook_dim}, "
+        f"K=2^{chosen.log2_codebook_size} ({chosen.bits_per_token:.0f} bits/token) because it loses "
+        f"{chosen.mean_excess_bits:.3f} expected bits/token with the largest m; "
+        f"{100 * chosen.frac_over_budget:.1f}% of groups exceed log2 K + {tolerance} "
+        + ("(convert directly)." if chosen.frac_over_budget < 0.05 else "(fine-tune with TDC before converting).")
+    )
+    return CodebookRecommendation(
+        codebook_size=chosen.codebook_size, codebook_dim=chosen.codebook_dim, chosen=chosen, options=options, reasoning=reasoning
+    )
