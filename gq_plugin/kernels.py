@@ -1,0 +1,173 @@
+"""Fused score+argmax kernels from ``csrc/`` (C++/OpenMP and CUDA), built on first use.
+
+Importing this module registers two search backends with :mod:`gq_plugin.search`:
+
+* ``"cpp"``  -- ``csrc/gq_search_cpu.cpp``: register-blocked SIMD micro-kernel, OpenMP over rows.
+* ``"cuda"`` -- ``csrc/gq_search_cuda_kernel.cu`` (+ ``gq_search_cuda.cpp`` binding): W tile in
+  shared memory, codewords in registers, per-thread running argmax, warp-shuffle reduction.
+
+Nothing is compiled at import time. The first time a backend's ``available(device)`` is asked
+(i.e. the first search that could use it), the extension is built once with
+:func:`torch.utils.cpp_extension.load` (JIT, needs a C++ compiler and ``ninja``; the CUDA one also
+``nvcc`` and a CUDA build of torch) into ``$GQ_KERNELS_BUILD_DIR`` if set, else torch's default
+extensions directory (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later processes
+reuse the cached build. If the build fails, one one-line ``RuntimeWarning`` is emitted and the torch
+backend is used.
+
+The CPU build uses ``-O3 -march=native`` because it is compiled on the machine that runs it. Set
+``GQ_KERNELS_MARCH`` to another ``-march`` value (e.g. ``x86-64-v3``) or to an empty string to build
+a portable binary, e.g. when the extension directory is shared between different machines.
+
+``GQ_KERNELS_DISABLE=1`` skips building (the torch backend is used, without a warning).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from . import search
+
+__all__ = [
+    "source_dir",
+    "load_cpu",
+    "load_cuda",
+    "cpu_available",
+    "cuda_available",
+    "argmax_ip_cpu",
+    "argmax_ip_cuda",
+]
+
+CPU_SOURCES = ("gq_search_cpu.cpp",)
+CUDA_SOURCES = ("gq_search_cuda.cpp", "gq_search_cuda_kernel.cu")
+
+_LOCK = threading.Lock()
+_STATE: dict[str, tuple[bool, ModuleType | None]] = {}
+
+
+def source_dir() -> Path:
+    """Directory holding the kernel sources (``gq_plugin/csrc`` when installed, else ``csrc/``)."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "csrc", here.parent / "csrc"):
+        if (cand / CPU_SOURCES[0]).is_file():
+            return cand
+    raise FileNotFoundError("gq_plugin kernel sources (csrc/gq_search_cpu.cpp) not found")
+
+
+def _build_dir(name: str) -> str | None:
+    root = os.environ.get("GQ_KERNELS_BUILD_DIR")
+    if not root:
+        return None  # torch default: $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions/<py>_<cu>/
+    path = Path(root).expanduser() / name
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def _cpu_flags() -> list[str]:
+    march = os.environ.get("GQ_KERNELS_MARCH", "native")
+    flags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
+    if march:
+        flags.append(f"-march={march}")
+    return flags
+
+
+def _disabled() -> bool:
+    return os.environ.get("GQ_KERNELS_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _build(kind: str) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    src = source_dir()
+    verbose = os.environ.get("GQ_KERNELS_VERBOSE", "") not in ("", "0")
+    if kind == "cpu":
+        name = "gq_search_cpu"
+        return cpp_extension.load(
+            name=name,
+            sources=[str(src / s) for s in CPU_SOURCES],
+            extra_cflags=_cpu_flags(),
+            extra_ldflags=["-fopenmp"],
+            build_directory=_build_dir(name),
+            verbose=verbose,
+        )
+    if kind == "cuda":
+        if torch.version.cuda is None:
+            raise RuntimeError("torch is a CPU-only build")
+        name = "gq_search_cuda"
+        return cpp_extension.load(
+            name=name,
+            sources=[str(src / s) for s in CUDA_SOURCES],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3"],
+            build_directory=_build_dir(name),
+            verbose=verbose,
+        )
+    raise ValueError(kind)
+
+
+def _load(kind: str) -> ModuleType | None:
+    """Build/import the extension once per process; ``None`` (+ one warning) when it cannot."""
+    state = _STATE.get(kind)
+    if state is not None:
+        return state[1]
+    with _LOCK:
+        state = _STATE.get(kind)
+        if state is not None:
+            return state[1]
+        mod: ModuleType | None = None
+        if not _disabled():
+            try:
+                mod = _build(kind)
+            except Exception as exc:  # noqa: BLE001 - no compiler, no nvcc, build error ...
+                msg = " ".join(str(exc).split())
+                if len(msg) > 160:
+                    msg = msg[:157] + "..."
+                search.warn_fallback(f"{kind} kernel unavailable: {type(exc).__name__}: {msg}")
+        _STATE[kind] = (mod is not None, mod)
+        return mod
+
+
+def load_cpu() -> ModuleType | None:
+    """The compiled CPU extension (built on first call), or ``None`` if it cannot be built."""
+    return _load("cpu")
+
+
+def load_cuda() -> ModuleType | None:
+    """The compiled CUDA extension (built on first call), or ``None`` if it cannot be built."""
+    if not torch.cuda.is_available():
+        return None
+    return _load("cuda")
+
+
+def cpu_available(device: torch.device | str = "cpu") -> bool:
+    return torch.device(device).type == "cpu" and load_cpu() is not None
+
+
+def cuda_available(device: torch.device | str = "cuda") -> bool:
+    return torch.device(device).type == "cuda" and torch.cuda.is_available() and load_cuda() is not None
+
+
+def argmax_ip_cpu(w: torch.Tensor, f: torch.Tensor, tile_n: int = 0, tile_k: int = 0) -> torch.Tensor:
+    """Fused CPU kernel; tiles are fixed inside the kernel (``tile_n``/``tile_k`` are ignored)."""
+    mod = load_cpu()
+    if mod is None:
+        raise RuntimeError("gq_plugin cpp kernel is not available")
+    return mod.argmax_ip(w.float().contiguous(), f.float().contiguous(), torch.get_num_threads())
+
+
+def argmax_ip_cuda(w: torch.Tensor, f: torch.Tensor, tile_n: int = 0, tile_k: int = 0) -> torch.Tensor:
+    """Fused CUDA kernel (D <= 64; larger D falls back to the tiled torch backend)."""
+    if w.shape[1] > 64:
+        return search._argmax_ip_torch(w, f, tile_n or search.DEFAULT_TILE_N, tile_k or search.DEFAULT_TILE_K)
+    mod = load_cuda()
+    if mod is None:
+        raise RuntimeError("gq_plugin cuda kernel is not available")
+    return mod.argmax_ip(w.float().contiguous(), f.float().contiguous())
+
+
+search.register_backend("cpp", argmax_ip_cpu, cpu_available)
+search.register_backend("cuda", argmax_ip_cuda, cuda_available)
