@@ -1,0 +1,143 @@
+"""A posterior object whose ``sample``/``mode``/``kl`` follow Gaussian Quant + TDC.
+
+Shared by the diffusers and ldm adapters. It holds no GQ math: rates, the TDC loss and the
+GQ search all come from the attached :class:`~gq_plugin.GaussianQuantizer`.
+
+Behaviour (the quantizer's ``training`` flag, i.e. the host model's ``train()``/``eval()``):
+
+================  =====================================  ==========================================
+method            training                               eval
+================  =====================================  ==========================================
+``sample(gen)``   ``mean + std * eps`` (reparameterised)  GQ codeword latent ``z_hat``
+``mode()``        ``mean``                               ``z_hat``
+``kl()``          per-sample TDC loss ``(B,)``; records   per-sample TDC loss ``(B,)`` (no statistics
+                  the rate statistics and (with            recorded, multipliers untouched)
+                  ``tdc_auto_step``) moves the
+                  multipliers -- once per posterior
+``indices``       GQ indices (computed on demand)        GQ indices
+================  =====================================  ==========================================
+
+``kl().mean()`` (equivalently ``kl().sum() / B``, the reduction used by the diffusers
+``train_autoencoderkl.py`` example and by ldm's ``LPIPSWithDiscriminator``) equals the TDC loss
+``lam * mean over batch of sum over tokens and groups of w * R_g``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class GQPosteriorMixin:
+    """GQ/TDC behaviour for a diagonal-Gaussian posterior with ``mean``/``logvar`` on dim 1."""
+
+    quantizer = None  # set by _gq_init
+
+    def _gq_init(self, quantizer) -> None:
+        self.quantizer = quantizer
+        self._gq_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._kl_cache: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------- GQ quantities
+
+    @property
+    def gq_training(self) -> bool:
+        return bool(self.quantizer.training)
+
+    def quantize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z_hat, indices)`` of this posterior (cached; no gradient)."""
+        if self._gq_cache is None:
+            self._gq_cache = self.quantizer.quantize(self.mean, self.logvar)
+        return self._gq_cache
+
+    @property
+    def z_hat(self) -> torch.Tensor:
+        """The GQ codeword latent (same shape/dtype as ``mean``)."""
+        return self.quantize()[0]
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """GQ indices ``(B, n_codebooks, H, W)``, int64."""
+        return self.quantize()[1]
+
+    def rates(self) -> torch.Tensor:
+        """Per-group rates in bits, ``(B, n_codebooks, H, W)``."""
+        return self.quantizer.rates(self.mean, self.logvar)
+
+    def tdc_loss(self) -> torch.Tensor:
+        """The TDC loss of this batch (a scalar) = ``kl().mean()``."""
+        return self.kl().mean()
+
+    def _tdc_per_sample(self, record: bool) -> torch.Tensor:
+        rates = self.rates()
+        tdc = self.quantizer.tdc
+        # per-sample values with the current multipliers: lam * sum(w * R) for each sample
+        per_sample = torch.stack([tdc.loss(rates[i : i + 1]) for i in range(rates.shape[0])])
+        if record:
+            tdc(rates)  # records statistics (and steps the multipliers when auto_step)
+        return per_sample
+
+    # ----------------------------------------------------------------- distribution API
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        if not self.gq_training:
+            return self.z_hat
+        return self._gaussian_sample(generator)
+
+    def mode(self) -> torch.Tensor:
+        if not self.gq_training:
+            return self.z_hat
+        return self.mean
+
+    def kl(self, other=None) -> torch.Tensor:
+        if other is not None:
+            return self._gaussian_kl(other)
+        if not self.gq_training:
+            return self._tdc_per_sample(record=False)
+        if self._kl_cache is None:
+            self._kl_cache = self._tdc_per_sample(record=True)
+        return self._kl_cache
+
+    # host hooks
+    def _gaussian_sample(self, generator):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _gaussian_kl(self, other):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class GQDiagonalGaussian(GQPosteriorMixin):
+    """Posterior with the interface of ldm's / sgm's ``DiagonalGaussianDistribution``.
+
+    Attributes ``parameters`` (the 2C moments), ``mean``, ``logvar`` (clamped to [-30, 20]),
+    ``std``, ``var``, ``deterministic``; methods ``sample()``, ``mode()``, ``kl(other=None)``,
+    ``nll(sample, dims=[1, 2, 3])``, plus the GQ extras (``indices``, ``z_hat``, ``rates()``).
+    """
+
+    def __init__(self, parameters: torch.Tensor, quantizer, deterministic: bool = False) -> None:
+        self.parameters = parameters
+        self.mean, self.logvar = torch.chunk(parameters, 2, dim=1)
+        self.logvar = torch.clamp(self.logvar, -30.0, 20.0)
+        self.deterministic = deterministic
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+        if deterministic:
+            self.var = self.std = torch.zeros_like(self.mean)
+        self._gq_init(quantizer)
+
+    def _gaussian_sample(self, generator=None):
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps
+
+    def _gaussian_kl(self, other):
+        return 0.5 * torch.sum(
+            (self.mean - other.mean) ** 2 / other.var + self.var / other.var - 1.0 - self.logvar + other.logvar,
+            dim=[1, 2, 3],
+        )
+
+    def nll(self, sample: torch.Tensor, dims=(1, 2, 3)) -> torch.Tensor:
+        """Gaussian negative log-likelihood of ``sample`` (ldm's ``nll``), in nats."""
+        if self.deterministic:
+            return torch.zeros((), device=self.mean.device)
+        return 0.5 * torch.sum(math.log(2.0 * math.pi) + self.logvar + (sample - self.mean) ** 2 / self.var, dim=list(dims))
