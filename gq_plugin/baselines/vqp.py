@@ -1,0 +1,143 @@
+"""vector-quantize-pytorch baselines behind one API.
+
+Every baseline quantizes a *deterministic* latent ``z`` of shape ``(B, C, H, W)`` (C channels, not
+the 2C of a posterior) and returns ``(z_q, indices, aux_loss)``:
+
+* ``z_q``: ``(B, C, H, W)`` (straight-through gradients where the library provides them);
+* ``indices``: int64, ``(B, H, W)`` (one index per position) or ``(B, C, H, W)`` for the
+  per-channel TokenBridge quantizer;
+* ``aux_loss``: a scalar tensor (commitment / entropy loss; 0 where the method has none).
+
+Attributes: ``codebook_size`` (per index), ``bits_per_token`` (bits per latent position),
+``needs_posterior = False``. vector-quantize-pytorch is imported when a baseline is built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .tokenbridge import TokenBridgeQuantizer
+
+# FSQ levels from the FSQ paper (Mentzer et al. 2023, Table 1) for ~2^k codes
+FSQ_LEVELS = {
+    8: [8, 6, 5],
+    10: [8, 5, 5, 5],
+    12: [7, 5, 5, 5, 5],
+    14: [8, 8, 8, 6, 5],
+    16: [8, 8, 8, 5, 5, 5],
+}
+
+
+def _vqp():
+    try:
+        import vector_quantize_pytorch as vqp
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("this baseline needs vector-quantize-pytorch: pip install 'gq-plugin[vq]'") from e
+    return vqp
+
+
+def _check_fmap(z: torch.Tensor, channels: int) -> None:
+    if z.ndim != 4 or z.shape[1] != channels:
+        raise ValueError(f"expected a (B, {channels}, H, W) latent, got {tuple(z.shape)}")
+
+
+class BaselineQuantizer(nn.Module):
+    needs_posterior = False
+    name = "baseline"
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+
+    codebook_size: int
+    bits_per_token: float
+
+
+class VQBaseline(BaselineQuantizer):
+    """``VectorQuantize`` (EMA codebook, k-means init on the first batch)."""
+
+    name = "vq"
+
+    def __init__(self, channels: int, codebook_size: int, codebook_dim: int | None = None, decay: float = 0.8,
+                 kmeans_init: bool = True, commitment_weight: float = 1.0, **kwargs) -> None:
+        super().__init__(channels)
+        self.q = _vqp().VectorQuantize(dim=channels, codebook_size=codebook_size, codebook_dim=codebook_dim, decay=decay,
+                                       kmeans_init=kmeans_init, commitment_weight=commitment_weight, accept_image_fmap=True, **kwargs)
+        self.codebook_size = codebook_size
+        self.bits_per_token = math.log2(codebook_size)
+
+    def forward(self, z):
+        _check_fmap(z, self.channels)
+        z_q, idx, loss = self.q(z)
+        return z_q, idx.long(), loss.reshape(())
+
+
+class FSQBaseline(BaselineQuantizer):
+    """``FSQ(levels)`` with projections from/to C channels."""
+
+    name = "fsq"
+
+    def __init__(self, channels: int, levels: list[int], **kwargs) -> None:
+        super().__init__(channels)
+        self.levels = list(levels)
+        self.q = _vqp().FSQ(levels=self.levels, dim=channels, **kwargs)
+        self.codebook_size = int(math.prod(self.levels))
+        self.bits_per_token = math.log2(self.codebook_size)
+
+    def forward(self, z):
+        _check_fmap(z, self.channels)
+        z_q, idx = self.q(z)
+        return z_q, idx.long(), torch.zeros((), device=z.device)
+
+
+class LFQBaseline(BaselineQuantizer):
+    """``LFQ`` (lookup-free, ``log2 K`` binary codes); ``spherical=True`` gives BSQ."""
+
+    name = "lfq"
+
+    def __init__(self, channels: int, codebook_size: int, spherical: bool = False, entropy_loss_weight: float = 0.1, **kwargs) -> None:
+        super().__init__(channels)
+        if codebook_size < 2 or codebook_size & (codebook_size - 1):
+            raise ValueError(f"LFQ/BSQ codebook_size must be a power of 2, got {codebook_size}")
+        self.q = _vqp().LFQ(dim=channels, codebook_size=codebook_size, spherical=spherical,
+                            entropy_loss_weight=entropy_loss_weight, **kwargs)
+        self.name = "bsq" if spherical else "lfq"
+        self.codebook_size = codebook_size
+        self.bits_per_token = math.log2(codebook_size)
+
+    def forward(self, z):
+        _check_fmap(z, self.channels)
+        out = self.q(z)
+        z_q, idx, aux = out[0], out[1], out[2]
+        return z_q, idx.long(), torch.as_tensor(aux, device=z.device).reshape(())
+
+
+class TokenBridgeBaseline(BaselineQuantizer):
+    """TokenBridge's per-channel quantizer on ``(B, C, H, W)``: ``C * bits`` bits per position.
+
+    ``scale`` multiplies the latent before quantization (TokenBridge: 0.2325 for MAR's KL-16
+    VAE; 1.0 here by default) and divides the dequantised values after.
+    """
+
+    name = "tokenbridge"
+
+    def __init__(self, channels: int, bits: int = 6, scale: float = 1.0, quant_min: float = -5.0, quant_max: float = 5.0,
+                 std_range: float = 3.0) -> None:
+        super().__init__(channels)
+        self.q = TokenBridgeQuantizer(bits, quant_min, quant_max, std_range)
+        self.scale = float(scale)
+        self.codebook_size = self.q.quant_levels
+        self.bits_per_token = float(channels * bits)
+
+    def forward(self, z):
+        _check_fmap(z, self.channels)
+        idx, deq = self.q.quantize(z * self.scale)
+        z_hat = deq / self.scale
+        z_q = z + (z_hat - z).detach()  # straight-through
+        return z_q, idx, torch.zeros((), device=z.device)
+
+    def dequantize(self, indices):
+        return self.q.dequantize(indices) / self.scale
