@@ -135,7 +135,7 @@ extern "C" int gq_argmax_ip_cuda_launch(const float* W, const float* FT, int64_t
     case 4: err = launch<4, 32>(W, FT, N, K, keys, stream); break;
     case 8: err = launch<8, 32>(W, FT, N, K, keys, stream); break;
     case 16: err = launch<16, 24>(W, FT, N, K, keys, stream); break;
-    case 32: err = launch<32, 24>(W, FT, N, K, keys, stream); break;
+    case 32: err = launch<32, 20>(W, FT, N, K, keys, stream); break;
     case 64: err = launch<64, 8>(W, FT, N, K, keys, stream); break;
     default: return static_cast<int>(cudaErrorInvalidValue);
   }

@@ -1,0 +1,257 @@
+"""Fused score+argmax kernels (csrc/, gq_plugin.kernels) against the float64 reference.
+
+Tolerance for disagreements with :func:`search_reference` (documented in docs/kernels.md): the
+backends compute ``W . F`` in float32 (W itself rounded to float32), so two codewords whose exact
+scores differ by less than about ``D * eps32 * sum_j |W_j F_kj|`` may be ordered either way. We
+accept a differing index only if its float64 score is within ``REL_TOL * scale`` of the best one,
+with ``scale = max over the two codewords of sum_j |W_j F_kj|`` and ``REL_TOL = 1e-5``, and only
+for a small fraction of the rows (near-ties are rare with continuous inputs).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from gq_plugin import kernels, search
+from gq_plugin.search import (
+    argmax_inner_product,
+    codebook_features,
+    gq_search,
+    reference_scores,
+    row_features,
+)
+
+REL_TOL = 1e-5
+MAX_TIE_FRACTION = 0.02
+# m = 1 with K >= 4096: K points on a line are ~1/K apart, closer than float32 can resolve the
+# score, so near-ties are the norm there (every differing row is still checked against REL_TOL).
+MAX_TIE_FRACTION_DENSE_1D = 0.75
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cpu_backends() -> list[str]:
+    return [b for b in search.available_backends("cpu") if b in ("torch", "cpp")]
+
+
+def _posterior(n: int, m: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(n, m, generator=g) * 1.5
+    logvar = torch.rand(n, m, generator=g) * 5.0 - 4.0  # sigma in [0.14, 1.6]
+    codebook = torch.randn(k, m, generator=g)
+    return mean, logvar, codebook
+
+
+def _check_against_reference(idx, mean, logvar, codebook, beta):
+    """idx must equal the float64 argmax, except at documented near-ties."""
+    dense_1d = codebook.shape[1] == 1 and codebook.shape[0] >= 4096
+    max_frac = MAX_TIE_FRACTION_DENSE_1D if dense_1d else MAX_TIE_FRACTION
+    ref_s = reference_scores(mean, logvar, codebook, beta, chunk=8)  # (N, K) float64
+    ref = ref_s.argmax(dim=1)
+    diff = (idx != ref).nonzero().flatten()
+    if diff.numel() == 0:
+        return 0
+    w = row_features(mean, logvar, beta).double().abs()
+    f = codebook_features(codebook).double().abs()
+    for n in diff.tolist():
+        i, j = int(ref[n]), int(idx[n])
+        gap = float(ref_s[n, i] - ref_s[n, j])
+        scale = max(float(w[n] @ f[i]), float(w[n] @ f[j]))
+        assert 0.0 <= gap <= REL_TOL * scale, (n, i, j, gap, scale)
+    assert diff.numel() <= max(1, int(max_frac * idx.numel())), diff.numel()
+    return diff.numel()
+
+
+# ------------------------------------------------------------------ build / registration
+
+
+def test_import_is_lazy():
+    """Importing gq_plugin (and even gq_plugin.kernels) must not compile anything."""
+    code = (
+        "import sys, gq_plugin, gq_plugin.kernels as k; "
+        "assert k._STATE == {}, k._STATE; "
+        "assert 'gq_search_cpu' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_backends_registered():
+    names = search.available_backends("cpu")
+    assert "torch" in names
+    assert "cuda" in search._BACKENDS and "cpp" in search._BACKENDS
+    if shutil.which(os.environ.get("CXX", "c++")) is not None:
+        assert "cpp" in names, "a C++ compiler is present but the cpp kernel did not build"
+        assert search.select_backend("cpu") == "cpp"
+    assert not search._AVAILABLE["cuda"](torch.device("cpu"))
+
+
+def test_fallback_warns_once(monkeypatch):
+    monkeypatch.setattr(kernels, "_STATE", {})
+
+    def boom(kind):
+        raise OSError("no compiler\nsecond line")
+
+    monkeypatch.setattr(kernels, "_build", boom)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        assert kernels.load_cpu() is None
+        assert not kernels.cpu_available("cpu")
+        assert kernels.load_cpu() is None
+    msgs = [str(r.message) for r in rec if issubclass(r.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "\n" not in msgs[0] and "falling back" in msgs[0], msgs
+    assert "cpp" not in search.available_backends("cpu")
+    # the torch backend still answers
+    w, f = torch.randn(5, 4), torch.randn(9, 4)
+    assert argmax_inner_product(w, f).tolist() == (w @ f.T).argmax(1).tolist()
+
+
+def test_disable_env(monkeypatch):
+    monkeypatch.setattr(kernels, "_STATE", {})
+    monkeypatch.setenv("GQ_KERNELS_DISABLE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.load_cpu() is None
+
+
+def test_sources_inside_package():
+    """JIT from an installed wheel needs the sources inside the package (gq_plugin/csrc)."""
+    pkg_src = ROOT / "gq_plugin" / "csrc"
+    for name in kernels.CPU_SOURCES + kernels.CUDA_SOURCES + ("gq_search_cpu_kernel.h",):
+        assert (pkg_src / name).is_file(), name
+    assert kernels.source_dir().resolve() == (ROOT / "csrc").resolve()
+
+
+# ------------------------------------------------------------------ correctness vs reference
+
+
+@pytest.mark.parametrize("m", [1, 4, 8, 16])
+@pytest.mark.parametrize("k", [2, 17, 4096, 65536])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_backends_match_reference(m, k, beta):
+    n = 33 if k == 65536 else 301  # odd N; small N for the big codebook (float64 reference is slow)
+    mean, logvar, codebook = _posterior(n, m, k, seed=1000 * m + k + int(beta))
+    ties = {}
+    for name in _cpu_backends():
+        idx = gq_search(mean, logvar, codebook, beta=beta, backend=name)
+        assert idx.dtype == torch.int64 and idx.shape == (n,)
+        ties[name] = _check_against_reference(idx, mean, logvar, codebook, beta)
+
+
+@pytest.mark.parametrize("n,k,d", [(1, 1, 2), (7, 2, 2), (101, 17, 8), (257, 4096, 32), (63, 1000, 5), (65, 300, 33),
+                                   (31, 129, 64), (9, 70, 100), (2049, 64, 16)])
+def test_cpp_matches_torch(n, k, d):
+    if "cpp" not in _cpu_backends():
+        pytest.skip("cpp kernel not built (no C++ compiler?)")
+    w, f = torch.randn(n, d), torch.randn(k, d)
+    a = argmax_inner_product(w, f, backend="cpp")
+    b = argmax_inner_product(w, f, backend="torch")
+    s = w.double() @ f.double().T
+    diff = (a != b).nonzero().flatten()
+    for i in diff.tolist():  # only float32 near-ties may differ
+        scale = float((w[i].double().abs() @ f.double().abs().T).max())
+        assert abs(float(s[i, a[i]] - s[i, b[i]])) <= REL_TOL * scale
+    assert diff.numel() <= max(1, n // 50)
+
+
+@pytest.mark.parametrize("d", [2, 8, 32, 7])
+def test_exact_ties_smallest_index(d):
+    """Integer-valued features make every score exact: ties must go to the smallest index."""
+    if "cpp" not in _cpu_backends():
+        pytest.skip("cpp kernel not built")
+    g = torch.Generator().manual_seed(d)
+    w = torch.randint(-2, 3, (301, d), generator=g).float()
+    base = torch.randint(-2, 3, (40, d), generator=g).float()
+    f = torch.cat([base, base, base.flip(0), base])  # every codeword appears 4 times (K = 160)
+    expect = (w.long() @ f.long().T).argmax(dim=1)  # first maximal index
+    for name in _cpu_backends():
+        assert torch.equal(argmax_inner_product(w, f, backend=name), expect), name
+    # one codeword better than all others, placed last
+    f2 = torch.cat([torch.zeros(99, d), torch.ones(1, d)])
+    w2 = torch.ones(3, d)
+    assert argmax_inner_product(w2, f2, backend="cpp").tolist() == [99, 99, 99]
+    # all scores equal -> index 0
+    assert argmax_inner_product(w2, torch.zeros(130, d), backend="cpp").tolist() == [0, 0, 0]
+
+
+def test_cpp_noncontiguous_and_dtypes():
+    if "cpp" not in _cpu_backends():
+        pytest.skip("cpp kernel not built")
+    w = torch.randn(40, 16, dtype=torch.float64)[:, ::2]
+    f = torch.randn(8, 300).t()
+    ref = (w.float() @ f.float().T).argmax(1)
+    assert torch.equal(argmax_inner_product(w, f, backend="cpp"), ref)
+
+
+def test_env_forces_backend(monkeypatch):
+    if "cpp" not in _cpu_backends():
+        pytest.skip("cpp kernel not built")
+    monkeypatch.setenv("GQ_SEARCH_BACKEND", "torch")
+    assert search.select_backend("cpu") == "torch"
+    monkeypatch.setenv("GQ_SEARCH_BACKEND", "cpp")
+    assert search.select_backend("cpu") == "cpp"
+    monkeypatch.setenv("GQ_SEARCH_BACKEND", "cuda")
+    with pytest.raises(RuntimeError):
+        search.select_backend("cpu")
+
+
+# ------------------------------------------------------------------ CUDA
+
+
+def _nvcc() -> str | None:
+    for cand in (os.environ.get("NVCC"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc"):
+        if cand and Path(cand).is_file():
+            return cand
+    return None
+
+
+def test_cuda_kernel_compiles(tmp_path):
+    """Compile-only check of the CUDA kernel (standalone .cu, no torch headers, no GPU needed)."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (set NVCC=/path/to/nvcc); CUDA kernel compile check skipped")
+    src = kernels.source_dir() / "gq_search_cuda_kernel.cu"
+    proc = subprocess.run(
+        [nvcc, "-O3", "-std=c++17", "-Xptxas", "-v", "-c", str(src), "-o", str(tmp_path / "k.o")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "k.o").stat().st_size > 0
+    assert "error" not in proc.stderr.lower()
+    spills = [line for line in proc.stderr.splitlines() if "spill stores" in line]
+    assert spills and all(" 0 bytes spill stores" in line for line in spills), spills  # no register spills
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 4, 8, 16])
+@pytest.mark.parametrize("k", [2, 17, 4096, 65536])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_cuda_matches_reference(m, k, beta):
+    if "cuda" not in search.available_backends("cuda"):
+        pytest.fail("a CUDA device is present but the cuda kernel did not build")
+    n = 33 if k == 65536 else 301
+    mean, logvar, codebook = _posterior(n, m, k, seed=1000 * m + k + int(beta))
+    idx = gq_search(mean.cuda(), logvar.cuda(), codebook.cuda(), beta=beta, backend="cuda").cpu()
+    _check_against_reference(idx, mean, logvar, codebook, beta)
+
+
+@needs_cuda
+@pytest.mark.parametrize("n,k,d", [(1, 1, 2), (4099, 17, 8), (5, 70001, 32), (63, 1000, 5), (31, 129, 64), (9, 70, 100)])
+def test_cuda_exact_and_ties(n, k, d):
+    g = torch.Generator().manual_seed(n + k + d)
+    w = torch.randint(-2, 3, (n, d), generator=g).float()
+    f = torch.randint(-2, 3, (k, d), generator=g).float()
+    expect = (w.double() @ f.double().T).argmax(dim=1)  # exact on integers; first maximal index
+    got = argmax_inner_product(w.cuda(), f.cuda(), backend="cuda").cpu()
+    assert torch.equal(got, expect)
