@@ -304,7 +304,9 @@ class GaussianQuantizer(nn.Module):
     def rates(self, x, logvar: torch.Tensor | None = None) -> torch.Tensor:
         """Group rates in bits, shaped like the indices: (B, G, H, W) / (B, N, G) / (B, G)."""
         mean, logvar, axis = self._split(x, logvar)
-        r = group_rates(mean.float().movedim(axis, -1), logvar.float().movedim(axis, -1), self.codebook_dim, self.grouping)
+        # clamp like forward() and the search do, so rates() matches the TDC loss of forward()
+        lv = logvar.float().clamp(*self.logvar_range)
+        r = group_rates(mean.float().movedim(axis, -1), lv.movedim(axis, -1), self.codebook_dim, self.grouping)
         return self._indices_layout(r, axis)
 
     @torch.no_grad()

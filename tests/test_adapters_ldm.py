@@ -64,3 +64,14 @@ def test_rejects_non_ldm_and_bad_m():
         adapters.patch_ldm_autoencoder(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match=r"valid m: \[1, 2, 4\]"):
         adapters.patch_ldm_autoencoder(LdmAutoencoderKL(), m=3)
+
+
+def test_kl_equals_quantizer_forward_loss_with_custom_logvar_range():
+    from gq_plugin import GaussianQuantizer
+    from gq_plugin.adapters import GQDiagonalGaussian
+
+    q = GaussianQuantizer(4, 64, 2, accept_image_fmap=True, logvar_range=(-4.0, 2.0), tdc_auto_step=False).train()
+    params = torch.cat([torch.randn(2, 4, 3, 3), torch.full((2, 4, 3, 3), -10.0)], 1)  # logvar below the range
+    post = GQDiagonalGaussian(params, q)
+    _, _, loss = q(params)
+    torch.testing.assert_close(post.kl().mean(), loss)
