@@ -23,7 +23,9 @@ a portable binary, e.g. when the extension directory is shared between different
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -75,6 +77,25 @@ def _cpu_flags() -> list[str]:
     return flags
 
 
+def _cpu_build_name() -> str:
+    """Extension name for the CPU build. With ``-march=native`` it includes a hash of this CPU's
+    model and ISA flags, so a shared extensions directory never hands a binary built for one CPU
+    to another (which could die with SIGILL)."""
+    march = os.environ.get("GQ_KERNELS_MARCH", "native")
+    ident = f"march={march}"
+    if march == "native":
+        ident += "|" + platform.machine() + "|" + platform.processor()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith(("model name", "flags", "Features", "isa")):
+                    ident += "|" + line
+                    if line.startswith(("flags", "Features", "isa")):
+                        break
+        except OSError:
+            pass
+    return "gq_search_cpu_" + hashlib.sha1(ident.encode()).hexdigest()[:10]
+
+
 def _disabled() -> bool:
     return os.environ.get("GQ_KERNELS_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -85,7 +106,7 @@ def _build(kind: str) -> ModuleType:
     src = source_dir()
     verbose = os.environ.get("GQ_KERNELS_VERBOSE", "") not in ("", "0")
     if kind == "cpu":
-        name = "gq_search_cpu"
+        name = _cpu_build_name()
         return cpp_extension.load(
             name=name,
             sources=[str(src / s) for s in CPU_SOURCES],
