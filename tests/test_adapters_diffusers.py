@@ -187,3 +187,19 @@ def test_wrapper_routes_everything_through_forward():
         out = model(x)
     assert out.indices.shape == (2, 1, 4, 4) and float(out.loss) == 0.0
     assert torch.equal(out.latents, vae.gq_quantizer.dequant(out.indices))
+
+
+def test_deepcopy_and_torch_save_of_patched_model(tmp_path):
+    import copy
+
+    vae = adapters.patch_sd3_vae(tiny_sd3(), K=2**8).eval()
+    x = torch.rand(1, 3, 32, 32)
+    idx = vae.encode_indices(x)
+    clone = copy.deepcopy(vae)
+    torch.save(vae, tmp_path / "vae.pt")
+    loaded = torch.load(tmp_path / "vae.pt", weights_only=False)
+    for m in (clone, loaded):
+        assert m.encode.__self__ is m and m.gq_quantizer is not vae.gq_quantizer
+        assert torch.equal(m.encode_indices(x), idx)
+        adapters.unpatch(m)
+        assert type(m.encode(x).latent_dist) is DiagonalGaussianDistribution

@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import types
 
 from ..codebook import divisors
 
 QUANTIZER_ATTR = "gq_quantizer"
 _SAVED_ATTR = "_gq_saved_attrs"
-_MISSING = object()
+
+
+class BoundPatch:
+    """A method bound to one instance, stored in its ``__dict__``.
+
+    Unlike ``types.MethodType`` (pickled as ``getattr(obj, name)``, which fails while the object
+    is being unpickled), it pickles as ``(function, instance)``, so ``torch.save(model)`` /
+    ``copy.deepcopy(model)`` of a patched model work.
+    """
+
+    def __init__(self, func, obj) -> None:
+        self.__func__ = func
+        self.__self__ = obj
+        functools.update_wrapper(self, func)
+        try:
+            sig = inspect.signature(func)
+            self.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])
+        except (TypeError, ValueError):  # pragma: no cover
+            pass
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __reduce__(self):
+        return (BoundPatch, (self.__func__, self.__self__))
+
+    def __repr__(self) -> str:
+        return f"<GQ-patched method {self.__func__.__qualname__} of {type(self.__self__).__name__}>"
 
 
 def check_codebook_dim(latent_channels: int, m: int) -> None:
@@ -33,18 +62,20 @@ def install(model, quantizer, methods: dict) -> None:
     """
     if is_patched(model):
         raise ValueError("model is already patched with GQ; call gq_plugin.adapters.unpatch(model) first")
-    saved = {name: model.__dict__.get(name, _MISSING) for name in methods}
+    # {"names": patched names, "present": instance attributes they shadowed} (no sentinel
+    # objects, so copy.deepcopy / pickling of the model keep working)
+    saved = {"names": list(methods), "present": {n: model.__dict__[n] for n in methods if n in model.__dict__}}
     object.__setattr__(model, _SAVED_ATTR, saved)
     setattr(model, QUANTIZER_ATTR, quantizer)  # nn.Module.__setattr__ registers it as a submodule
     for name, fn in methods.items():
-        object.__setattr__(model, name, types.MethodType(fn, model))
+        object.__setattr__(model, name, BoundPatch(fn, model))
 
 
 def original(model, name: str):
     """The bound method ``name`` as it was before patching."""
-    saved = model.__dict__[_SAVED_ATTR].get(name, _MISSING)
-    if saved is not _MISSING:
-        return saved
+    present = model.__dict__[_SAVED_ATTR]["present"]
+    if name in present:
+        return present[name]
     return types.MethodType(getattr(type(model), name), model)
 
 
@@ -53,11 +84,11 @@ def uninstall(model):
     if not is_patched(model):
         raise ValueError("model is not patched with GQ")
     saved = model.__dict__.pop(_SAVED_ATTR)
-    for name, value in saved.items():
-        if value is _MISSING:
-            model.__dict__.pop(name, None)
+    for name in saved["names"]:
+        if name in saved["present"]:
+            object.__setattr__(model, name, saved["present"][name])
         else:
-            object.__setattr__(model, name, value)
+            model.__dict__.pop(name, None)
     quantizer = getattr(model, QUANTIZER_ATTR)
     modules = getattr(model, "_modules", None)
     if modules is not None and QUANTIZER_ATTR in modules:
