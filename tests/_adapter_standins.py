@@ -27,9 +27,9 @@ class LdmDiagonalGaussianDistribution:
     def kl(self, other=None):
         return 0.5 * torch.sum(torch.pow(self.mean, 2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
 
-    def nll(self, sample, dims=[1, 2, 3]):
+    def nll(self, sample, dims=(1, 2, 3)):
         logtwopi = np.log(2.0 * np.pi)
-        return 0.5 * torch.sum(logtwopi + self.logvar + torch.pow(sample - self.mean, 2) / self.var, dim=dims)
+        return 0.5 * torch.sum(logtwopi + self.logvar + torch.pow(sample - self.mean, 2) / self.var, dim=list(dims))
 
     def mode(self):
         return self.mean

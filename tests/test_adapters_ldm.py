@@ -3,8 +3,8 @@ cannot be pip-installed)."""
 
 import pytest
 import torch
-
 from _adapter_standins import LdmAutoencoderKL, ldm_kl_term
+
 from gq_plugin import adapters
 from gq_plugin.rate import group_rates
 

@@ -8,8 +8,8 @@ stand-in with VQModel's encode/decode/forward/decode_code structure.
 
 import pytest
 import torch
-
 from _adapter_standins import TamingVQModel, taming_vector_quantizer2
+
 from gq_plugin.adapters import GaussianVectorQuantizer, patch_taming_vqmodel
 
 VQ2, SOURCE = taming_vector_quantizer2()

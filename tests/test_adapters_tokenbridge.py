@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from _adapter_standins import TokenBridgeStandin
+
 from gq_plugin import adapters
 from gq_plugin.baselines import TokenBridgeQuantizer, tokenbridge_tables
 
@@ -17,7 +17,7 @@ def test_tables_match_scipy_truncated_normal_means():
     edges, centres = tokenbridge_tables(6, 3.0)
     assert edges.shape == (65,) and centres.shape == (64,)
     ref_edges = np.clip(scipy_stats.norm.ppf(np.linspace(0, 1, 65)), -3, 3)
-    ref_centres = np.array([scipy_stats.truncnorm.mean(a, b) for a, b in zip(ref_edges[:-1], ref_edges[1:])])
+    ref_centres = np.array([scipy_stats.truncnorm.mean(a, b) for a, b in zip(ref_edges[:-1], ref_edges[1:], strict=True)])
     np.testing.assert_allclose(edges.numpy(), ref_edges, atol=1e-9)
     np.testing.assert_allclose(centres.numpy(), ref_centres, atol=1e-9)
 

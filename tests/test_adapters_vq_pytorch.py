@@ -71,7 +71,9 @@ def test_multi_head_indices():
     q, idx, _ = _compare(vq, gq, torch.randn(2, 20, dim), torch.randn(2, 20, 2 * dim), False)
     assert idx.shape == (2, 20, heads) and gq.codebook_dim == 4
     assert torch.equal(gq.get_output_from_indices(idx), q)
-    vqi = VectorQuantize(dim=dim, codebook_size=64, heads=heads, codebook_dim=4, separate_codebook_per_head=True, accept_image_fmap=True).eval()
+    vqi = VectorQuantize(
+        dim=dim, codebook_size=64, heads=heads, codebook_dim=4, separate_codebook_per_head=True, accept_image_fmap=True
+    ).eval()
     gqi = GaussianQuantize(dim=dim, codebook_size=64, heads=heads, accept_image_fmap=True).eval()
     _, idx, _ = _compare(vqi, gqi, torch.randn(2, dim, 4, 4), torch.randn(2, 2 * dim, 4, 4), False)
     assert idx.shape == (2, 4, 4, heads)

@@ -19,7 +19,6 @@ KL/TDC is defined; pipelines apply their latent normalisation on top as before.
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -30,7 +29,7 @@ import torch
 try:
     from diffusers import AutoencoderKL
     from diffusers.configuration_utils import FrozenDict
-    from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.models.modeling_outputs import AutoencoderKLOutput
 except ImportError as e:  # pragma: no cover - exercised only without diffusers
     raise ImportError("gq_plugin.adapters.diffusers_vae needs diffusers: pip install 'gq-plugin[diffusers]'") from e
@@ -139,7 +138,7 @@ def patch_autoencoder_kl(vae, K: int = 2**16, m: int | None = None, **gq_kwargs)
         if _jsonable(v):
             cfg[k] = v
         else:
-            warnings.warn(f"GQ option {k}={v!r} is not JSON-serialisable and will not be saved in the model config")
+            warnings.warn(f"GQ option {k}={v!r} is not JSON-serialisable and will not be saved in the model config", stacklevel=2)
     _patch.install(vae, quantizer, _METHODS)
     vae.register_to_config(**{CONFIG_KEY: cfg})
     return vae
@@ -153,7 +152,7 @@ def patch_sd3_vae(vae, K: int = 2**16, m: int = 16, **gq_kwargs):
     """
     channels = _latent_channels(vae)
     if channels != 16:
-        warnings.warn(f"patch_sd3_vae expects the SD3 VAE's 16 latent channels, this model has {channels}")
+        warnings.warn(f"patch_sd3_vae expects the SD3 VAE's 16 latent channels, this model has {channels}", stacklevel=2)
     return patch_autoencoder_kl(vae, K=K, m=m, **gq_kwargs)
 
 

@@ -83,7 +83,8 @@ class GaussianQuantRegularizer(_Base):
         log: dict[str, torch.Tensor] = {"kl_loss": loss}
         if self.training:
             log.update({k: v for k, v in self.gq.tdc.last_stats.items() if not k.endswith("-global")})
-            log.update({"lam": self.gq.tdc.lam_global.clone(), "lam-max": self.gq.tdc.lam_max.clone(), "lam-min": self.gq.tdc.lam_min.clone()})
+            tdc = self.gq.tdc
+            log.update({"lam": tdc.lam_global.clone(), "lam-max": tdc.lam_max.clone(), "lam-min": tdc.lam_min.clone()})
         else:
             log.update(self._rate_log(z))
             log["min_encoding_indices"] = self._to_sgm_indices(idx)

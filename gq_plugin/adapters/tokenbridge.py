@@ -97,7 +97,7 @@ def swap_tokenbridge_quantizer(model, gq: GaussianQuantizer | None = None, *, K:
         raise ValueError("not a TokenBridge-like model: no quantize method")
     c = _token_dim(model)
     if gq is None:
-        K = K if K is not None else int(getattr(model, "quant_levels"))
+        K = K if K is not None else int(model.quant_levels)
         _patch.check_codebook_dim(c, m)
         gq = GaussianQuantizer(c, K, m, channel_last=True, **gq_kwargs)
     else:
@@ -113,7 +113,10 @@ def swap_tokenbridge_quantizer(model, gq: GaussianQuantizer | None = None, *, K:
     object.__setattr__(model, _SAVED, saved)
     if gq.codebook_dim == 1:
         if gq.codebook_size != getattr(model, "quant_levels", gq.codebook_size):
-            warnings.warn(f"K={gq.codebook_size} differs from the model's quant_levels={model.quant_levels}: rebuild the AR head's classes")
+            warnings.warn(
+                f"K={gq.codebook_size} differs from the model's quant_levels={model.quant_levels}: rebuild the AR head's classes",
+                stacklevel=2,
+            )
         table = gq.codebook[:, 0] * scale  # values in normalised units
         std = float(model.std_range)
         lo, hi = float(model.quant_min), float(model.quant_max)
@@ -123,7 +126,8 @@ def swap_tokenbridge_quantizer(model, gq: GaussianQuantizer | None = None, *, K:
     else:
         warnings.warn(
             f"m={gq.codebook_dim} > 1: tokens are (B, L, {gq.num_codebooks}) over {gq.codebook_size} codes; rebuild the "
-            "channel-AR head for that and use model.dequantize_tokens instead of reconstruction_values lookups"
+            "channel-AR head for that and use model.dequantize_tokens instead of reconstruction_values lookups",
+            stacklevel=2,
         )
     return model
 

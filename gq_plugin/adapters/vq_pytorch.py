@@ -63,7 +63,9 @@ class GaussianQuantize(GaussianQuantizer):
                 f"heads * codebook_dim must equal dim for GQ (no projection): {heads} * {codebook_dim} != {dim}"
             )
         if separate_codebook_per_head:
-            warnings.warn("GaussianQuantize: all heads share one fixed Gaussian codebook; separate_codebook_per_head is ignored")
+            warnings.warn(
+                "GaussianQuantize: all heads share one fixed Gaussian codebook; separate_codebook_per_head is ignored", stacklevel=2
+            )
         for bad in ("accept_3d_fmap", "kmeans_init", "decay", "use_cosine_sim", "learnable_codebook", "commitment_weight"):
             if bad in gq_kwargs:
                 raise TypeError(f"GaussianQuantize does not take VectorQuantize's {bad!r} (fixed Gaussian codebook, TDC loss)")
