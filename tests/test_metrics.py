@@ -234,7 +234,19 @@ def test_frechet_distance_against_scipy():
     covmean = scipy_linalg.sqrtm(s1 @ s2).real
     ref = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
     assert frechet_distance(a, b) == pytest.approx(ref, rel=1e-6)
+    assert frechet_distance(a, b, method="gram") == pytest.approx(ref, rel=1e-6)
     assert abs(frechet_distance(a, a)) < 1e-8
+
+
+def test_frechet_distance_few_samples_high_dim():
+    # N < D (the usual case for small eval sets with 1280-d features): both routes agree
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(20, 64, generator=g, dtype=torch.float64)
+    b = torch.randn(25, 64, generator=g, dtype=torch.float64) * 1.3 + 0.2
+    eig, gram = frechet_distance(a, b, method="eig"), frechet_distance(a, b, method="gram")
+    assert gram == pytest.approx(eig, rel=1e-6)
+    assert frechet_distance(a, b) == pytest.approx(eig, rel=1e-6)
+    assert abs(frechet_distance(a, a)) < 1e-6
 
 
 def test_kid_separates_distributions():

@@ -121,32 +121,43 @@ class FeatureStats:
         return sum(len(c) for c in self._chunks)
 
 
-def _mean_cov(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    f = f.double()
-    mu = f.mean(0)
-    d = f - mu
-    return mu, d.T @ d / max(len(f) - 1, 1)
-
-
 def _sqrtm_psd(a: torch.Tensor) -> torch.Tensor:
     w, v = torch.linalg.eigh((a + a.T) / 2)
     return (v * w.clamp_min(0).sqrt()) @ v.T
 
 
-def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
+def frechet_distance(f1: torch.Tensor, f2: torch.Tensor, method: str = "auto") -> float:
     """Fréchet distance between Gaussians fitted to two feature sets ``(N1, D)`` and ``(N2, D)``.
 
-    ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2})``, with the trace of the matrix square
-    root computed stably as the sum of square roots of the eigenvalues of ``S1^{1/2} S2 S1^{1/2}``.
+    ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2})`` (sample covariances, ``N - 1``).
+    The trace of the matrix square root is computed exactly, without ``sqrtm``:
+
+    * ``"eig"``: sum of square roots of the eigenvalues of ``S1^{1/2} S2 S1^{1/2}`` (D x D);
+    * ``"gram"``: with centred features A, B, ``tr (S1 S2)^{1/2} = ||A B^T||_* / sqrt((N1-1)(N2-1))``
+      (nuclear norm of an N1 x N2 matrix), much cheaper when N < D.
+
+    ``"auto"`` picks the smaller problem.
     """
     if len(f1) < 2 or len(f2) < 2:
         return math.nan
-    mu1, s1 = _mean_cov(f1)
-    mu2, s2 = _mean_cov(f2)
-    r1 = _sqrtm_psd(s1)
-    m = r1 @ s2 @ r1
-    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()
-    return float((mu1 - mu2).square().sum() + torch.trace(s1) + torch.trace(s2) - 2 * tr_sqrt)
+    a, b = f1.double(), f2.double()
+    mu1, mu2 = a.mean(0), b.mean(0)
+    a, b = a - mu1, b - mu2
+    n1, n2, d = len(a), len(b), a.shape[1]
+    tr1 = a.square().sum() / (n1 - 1)
+    tr2 = b.square().sum() / (n2 - 1)
+    if method == "auto":
+        method = "gram" if n1 * n2 < d * d else "eig"
+    if method == "gram":
+        tr_sqrt = torch.linalg.svdvals(a @ b.T).sum() / math.sqrt((n1 - 1) * (n2 - 1))
+    elif method == "eig":
+        s1, s2 = a.T @ a / (n1 - 1), b.T @ b / (n2 - 1)
+        r1 = _sqrtm_psd(s1)
+        m = r1 @ s2 @ r1
+        tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()
+    else:
+        raise ValueError(f"method must be 'auto', 'eig' or 'gram', got {method!r}")
+    return float((mu1 - mu2).square().sum() + tr1 + tr2 - 2 * tr_sqrt)
 
 
 def kernel_inception_distance(
