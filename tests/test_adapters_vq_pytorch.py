@@ -58,6 +58,13 @@ def test_image_fmap_b_d_h_w(train):
         assert torch.equal(idx2, idx) and torch.equal(q2, q)
 
 
+def test_single_tokens_b_d():
+    vq = VectorQuantize(dim=8, codebook_size=32).eval()
+    gq = GaussianQuantize(dim=8, codebook_size=32).eval()
+    q, idx, _ = _compare(vq, gq, torch.randn(3, 8), torch.randn(3, 16), False)
+    assert idx.shape == (3,) and torch.equal(gq.get_output_from_indices(idx), q)
+
+
 def test_channel_first_sequences():
     vq = VectorQuantize(dim=8, codebook_size=64, channel_last=False).eval()
     gq = GaussianQuantize(dim=8, codebook_size=64, channel_last=False).eval()
