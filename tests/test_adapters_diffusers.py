@@ -203,3 +203,14 @@ def test_deepcopy_and_torch_save_of_patched_model(tmp_path):
         assert torch.equal(m.encode_indices(x), idx)
         adapters.unpatch(m)
         assert type(m.encode(x).latent_dist) is DiagonalGaussianDistribution
+
+
+def test_save_load_variant_and_sharded(tmp_path):
+    vae = adapters.patch_sd3_vae(tiny_sd3(), K=2**8, m=8)
+    vae.gq_quantizer.tdc.lam_global.fill_(3.5)
+    vae.save_pretrained(tmp_path / "v", variant="fp16")
+    vae.save_pretrained(tmp_path / "s", max_shard_size="200KB")
+    assert list((tmp_path / "s").glob("*.index.json"))
+    for path, kw in ((tmp_path / "v", {"variant": "fp16"}), (tmp_path / "s", {})):
+        loaded = adapters.load_pretrained_gq_vae(str(path), **kw)
+        assert float(loaded.gq_quantizer.tdc.lam_global) == 3.5
