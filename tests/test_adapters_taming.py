@@ -10,6 +10,7 @@ import pytest
 import torch
 from _adapter_standins import TamingVQModel, taming_vector_quantizer2
 
+from gq_plugin import adapters
 from gq_plugin.adapters import GaussianVectorQuantizer, patch_taming_vqmodel
 
 VQ2, SOURCE = taming_vector_quantizer2()
@@ -82,3 +83,8 @@ def test_patch_vqmodel():
         quant, _, (_, _, idx) = model.encode(x)
         assert idx.shape == (2, 4, 4, 2)
         assert torch.equal(model.decode_code(idx), model.decode(quant))
+    # unpatch: the trained mean head goes back into the original-shaped conv
+    mean_w = model.quant_conv.weight[:8].clone()
+    adapters.unpatch(model)
+    assert model.quant_conv.out_channels == 8 and isinstance(model.quantize, VQ2)
+    assert torch.equal(model.quant_conv.weight, mean_w)

@@ -19,7 +19,8 @@ patch_ldm_autoencoder,         :mod:`.ldm` (CompVis ldm ``AutoencoderKL`` interf
 GQDiagonalGaussian
 GaussianQuantRegularizer       :mod:`.sgm` (generative-models ``AbstractRegularizer``)
 GaussianVectorQuantizer,       :mod:`.taming` (taming ``VectorQuantizer2`` / ``VQModel``)
-patch_taming_vqmodel
+patch_taming_vqmodel,
+unpatch_taming_vqmodel
 GaussianQuantize,              :mod:`.vq_pytorch` (vector-quantize-pytorch API)
 register_with_vector_quantize_pytorch
 swap_tokenbridge_quantizer     :mod:`.tokenbridge`
@@ -51,6 +52,7 @@ _LAZY = {
     # taming
     "GaussianVectorQuantizer": "taming",
     "patch_taming_vqmodel": "taming",
+    "unpatch_taming_vqmodel": "taming",
     # vector-quantize-pytorch
     "GaussianQuantize": "vq_pytorch",
     "register_with_vector_quantize_pytorch": "vq_pytorch",
@@ -79,7 +81,11 @@ def __dir__():
 
 
 def unpatch(model):
-    """Undo any model patch from this package (diffusers, ldm, TokenBridge); returns the quantizer."""
+    """Undo any model patch from this package (diffusers, ldm, taming, TokenBridge); returns the quantizer."""
+    if "_gq_old_quantize" in getattr(model, "__dict__", {}):  # taming VQModel
+        from .taming import unpatch_taming_vqmodel
+
+        return unpatch_taming_vqmodel(model)
     if not is_patched(model):
         raise ValueError("model is not patched with GQ")
     if hasattr(model, "register_to_config"):  # a diffusers ConfigMixin model

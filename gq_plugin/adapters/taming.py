@@ -145,3 +145,25 @@ def patch_taming_vqmodel(model, K: int | None = None, m: int | None = None, logv
     object.__setattr__(model, "_gq_old_quant_conv", old_conv)
     object.__setattr__(model, "_gq_old_quantize", old_q)
     return model
+
+
+def unpatch_taming_vqmodel(model, keep_trained_mean: bool = True):
+    """Undo :func:`patch_taming_vqmodel`; returns the removed :class:`GaussianVectorQuantizer`.
+
+    With ``keep_trained_mean`` the mean half of the widened ``quant_conv`` (trained since the
+    patch) is copied back into the restored conv; the old quantizer comes back as it was.
+    """
+    old_conv = model.__dict__.pop("_gq_old_quant_conv", None)
+    old_q = model.__dict__.pop("_gq_old_quantize", None)
+    if old_conv is None or old_q is None:
+        raise ValueError("model was not patched by patch_taming_vqmodel")
+    gq = model.quantize
+    if keep_trained_mean:
+        c = old_conv.out_channels
+        with torch.no_grad():
+            old_conv.weight.copy_(model.quant_conv.weight[:c])
+            if old_conv.bias is not None:
+                old_conv.bias.copy_(model.quant_conv.bias[:c])
+    model.quant_conv = old_conv
+    model.quantize = old_q
+    return gq
