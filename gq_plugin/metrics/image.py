@@ -19,7 +19,7 @@ import math
 
 import torch
 
-__all__ = ["to_255", "psnr", "ssim", "ms_ssim", "MS_SSIM_MIN_SIZE"]
+__all__ = ["MS_SSIM_MIN_SIZE", "ms_ssim", "psnr", "ssim", "to_255"]
 
 #: smallest image side MS-SSIM (5 scales, 11-px window) accepts: (11 - 1) * 2**4 + 1
 MS_SSIM_MIN_SIZE = 161
@@ -51,13 +51,13 @@ def psnr(x: torch.Tensor, y: torch.Tensor, clamp: bool = True) -> torch.Tensor:
 def _backend():
     """``("msssim", module)`` for pytorch-msssim, else ``("tm", torchmetrics.functional.image)``."""
     try:
-        import pytorch_msssim  # noqa: PLC0415
+        import pytorch_msssim
 
         return "msssim", pytorch_msssim
     except ImportError:
         pass
     try:
-        from torchmetrics.functional import image as tmi  # noqa: PLC0415
+        from torchmetrics.functional import image as tmi
 
         return "tm", tmi
     except ImportError as e:

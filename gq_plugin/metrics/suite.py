@@ -198,7 +198,7 @@ def evaluate_pairs(
     it = _batches(originals, reconstructions, batch_size)
     if progress:
         try:
-            from tqdm.auto import tqdm  # noqa: PLC0415
+            from tqdm.auto import tqdm
 
             it = tqdm(it, total=total, desc="metrics", unit="batch", leave=False)
         except ImportError:
