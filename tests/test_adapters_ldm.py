@@ -52,7 +52,9 @@ def test_state_dict_and_unpatch():
     adapters.patch_ldm_autoencoder(model, K=2**6)
     sd = model.state_dict()
     assert {"gq_quantizer.tdc.lam_global", "gq_quantizer.codebook_fingerprint"} <= set(sd)
-    other = adapters.patch_ldm_autoencoder(LdmAutoencoderKL(), K=2**6)
+    settings = adapters.gq_settings_from_state_dict(sd)
+    assert settings == {"K": 2**6, "m": 4, "grouping": "contiguous", "codebook": "sobol", "seed": 42}
+    other = adapters.patch_ldm_autoencoder(LdmAutoencoderKL(), **settings)
     other.load_state_dict(sd)
     adapters.unpatch(model)
     assert set(model.state_dict()) == keys and not hasattr(model, "gq_quantizer")

@@ -25,7 +25,8 @@ GaussianQuantize,              :mod:`.vq_pytorch` (vector-quantize-pytorch API)
 register_with_vector_quantize_pytorch
 swap_tokenbridge_quantizer     :mod:`.tokenbridge`
 GQAutoencoderWrapper           :mod:`.wrapper` (DDP-safe encode -> GQ -> decode)
-unpatch, is_patched            here
+unpatch, is_patched,           here
+gq_settings_from_state_dict
 =============================  ======================================================
 """
 
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import importlib
 
-from ._patch import is_patched
+from ._patch import gq_settings_from_state_dict, is_patched
 
 _LAZY = {
     # diffusers
@@ -64,7 +65,7 @@ _LAZY = {
     "GQAutoencoderOutput": "wrapper",
 }
 
-__all__ = sorted([*_LAZY, "unpatch", "is_patched"])
+__all__ = sorted([*_LAZY, "unpatch", "is_patched", "gq_settings_from_state_dict"])
 
 
 def __getattr__(name: str):

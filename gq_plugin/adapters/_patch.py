@@ -96,3 +96,19 @@ def uninstall(model):
     else:
         model.__dict__.pop(QUANTIZER_ATTR, None)
     return quantizer
+
+
+def gq_settings_from_state_dict(state_dict, prefix: str = QUANTIZER_ATTR + ".") -> dict:
+    """Recover ``{"K", "m", "grouping", "codebook", "seed"}`` from a checkpoint's ``gq_config`` buffer.
+
+    For plain ``state_dict`` checkpoints (ldm, TokenBridge): re-patch with these settings, then
+    ``load_state_dict``. ``beta`` and the TDC settings are not in the buffer; pass them again if
+    you changed the defaults.
+    """
+    from ..codebook import CODEBOOK_KINDS, GROUPINGS
+
+    key = prefix + "gq_config"
+    if key not in state_dict:
+        raise ValueError(f"no {key!r} in the state dict (not saved from a GQ-patched model, or another prefix)")
+    k, m, grouping, kind, seed, _dim = (int(v) for v in state_dict[key].reshape(-1).tolist())
+    return {"K": k, "m": m, "grouping": GROUPINGS[grouping], "codebook": CODEBOOK_KINDS[kind], "seed": seed}
