@@ -1,0 +1,117 @@
+"""Images <-> ``.gqt`` token files with a GQ-patched diffusers VAE (the ``gq encode/decode`` API)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .tokens import TokenHeader, load_tokens, real_bpp, save_tokens
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def model_id(model_dir: str | os.PathLike) -> str:
+    """``<dir name>:<sha256[:12] of its weights file>``: identifies the decoder tokens were made for."""
+    d = Path(model_dir)
+    vae_dir = d / "vae" if (d / "vae").is_dir() else d
+    weights = sorted(vae_dir.glob("*.safetensors")) or sorted(vae_dir.glob("*.bin"))
+    if not weights:
+        raise ValueError(f"no weights (*.safetensors / *.bin) in {vae_dir}")
+    h = hashlib.sha256()
+    with open(weights[0], "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return f"{vae_dir.resolve().name}:{h.hexdigest()[:12]}"
+
+
+def load_model(model_dir: str | os.PathLike):
+    """A GQ-patched VAE from a ``save_pretrained`` dir (or a training checkpoint dir with ``vae/``)."""
+    from .adapters.diffusers_vae import gq_config, load_pretrained_gq_vae
+
+    d = Path(model_dir)
+    vae_dir = d / "vae" if (d / "vae").is_dir() else d
+    if not vae_dir.is_dir():
+        raise ValueError(f"model directory {str(model_dir)!r} does not exist")
+    vae = load_pretrained_gq_vae(str(vae_dir))
+    if gq_config(vae) is None:  # pragma: no cover - load_pretrained_gq_vae raises before
+        raise ValueError(f"{vae_dir} is not a GQ model")
+    return vae.eval()
+
+
+def load_image(path: str | os.PathLike, size: int | None, multiple: int) -> torch.Tensor:
+    """RGB image -> (3, H, W) in [-1, 1]; resized (short side) + centre-cropped to ``size``, or
+    cropped to a multiple of ``multiple`` when ``size`` is None."""
+    from PIL import Image
+
+    im = Image.open(path).convert("RGB")
+    if size is not None:
+        if size % multiple:
+            raise ValueError(f"size={size} must be a multiple of the model's downsampling factor {multiple}")
+        s = size / min(im.size)
+        im = im.resize((max(size, round(im.size[0] * s)), max(size, round(im.size[1] * s))), Image.BICUBIC)
+        left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    else:
+        w, h = im.size[0] // multiple * multiple, im.size[1] // multiple * multiple
+        if w == 0 or h == 0:
+            raise ValueError(f"{path}: image smaller than the downsampling factor {multiple}")
+        im = im.crop((0, 0, w, h))
+    a = torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1)
+    return a / 127.5 - 1.0
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, mid: str = "") -> tuple[torch.Tensor, TokenHeader]:
+    """``(indices, header)`` for a batch (N, 3, H, W) in [-1, 1]."""
+    indices = vae.encode_indices(images)
+    header = TokenHeader.for_quantizer(vae.gq_quantizer, tuple(indices.shape), model_id=mid, image_size=tuple(images.shape[-2:]))
+    return indices, header
+
+
+@torch.no_grad()
+def decode_indices(vae, indices: torch.Tensor) -> torch.Tensor:
+    """Reconstruction (N, 3, H, W) in [-1, 1] (clamped) from GQ indices."""
+    return vae.decode_indices(indices).sample.clamp(-1, 1)
+
+
+def encode_files(model_dir, image_paths: list, out_file, size: int | None = 256) -> dict:
+    """Encode images into one ``.gqt`` file; returns sizes and bpp (nominal and real)."""
+    from .models import downsampling_factor
+
+    vae = load_model(model_dir)
+    f = downsampling_factor(vae)
+    imgs = [load_image(p, size, f) for p in image_paths]
+    shapes = {tuple(i.shape) for i in imgs}
+    if len(shapes) != 1:
+        raise ValueError(f"all images must have the same size in one token file; got {sorted(shapes)} (pass --size)")
+    x = torch.stack(imgs)
+    indices, header = encode_images(vae, x, model_id(model_dir))
+    header.extra["sources"] = [Path(p).name for p in image_paths]
+    nbytes = save_tokens(out_file, indices, header)
+    return {"file": str(out_file), "bytes": nbytes, "nominal_bpp": header.nominal_bpp(), "real_bpp": real_bpp(nbytes, header),
+            "shape": list(indices.shape), "images": len(imgs)}
+
+
+def decode_file(model_dir, token_file, out_path, force: bool = False) -> list[str]:
+    """Decode a ``.gqt`` file to PNG(s); refuses a model whose codebook (or, unless ``force``,
+    weights) differ from the ones the file was made with."""
+    from .plots import save_image
+
+    vae = load_model(model_dir)
+    indices, header = load_tokens(token_file)
+    header.check_compatible(vae.gq_quantizer)
+    mid = model_id(model_dir)
+    if header.model_id and header.model_id != mid and not force:
+        raise ValueError(f"token file was made with model {header.model_id!r}, not {mid!r} (pass force=True / --force to decode anyway)")
+    x = decode_indices(vae, indices)
+    out_path = Path(out_path)
+    paths = []
+    for i in range(x.shape[0]):
+        p = out_path if x.shape[0] == 1 else out_path.with_name(f"{out_path.stem}_{i}{out_path.suffix or '.png'}")
+        save_image(x[i], p)
+        paths.append(str(p))
+    return paths
