@@ -31,7 +31,7 @@ or picks the FSQ paper's levels for 8/10/12/14/16 bits; ``tokenbridge`` uses
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import importlib
 
-from ._patch import gq_settings_from_state_dict, is_patched
+from ._patch import gq_settings_from_state_dict, is_patched  # noqa: F401  (re-exported)
 
 _LAZY = {
     # diffusers
