@@ -96,13 +96,15 @@ def _cmd_recipes(args) -> int:
 
 def _cmd_demo(args) -> int:
     """Main job: photos -> tiny recipe (train) -> continuous vs GQ evaluation."""
-    from .data import default_data_dir, ensure_photos
+    from .data import default_data_dir, fetch_photos
     from .evaluate import evaluate
     from .train import train
 
     overrides = list(args.overrides)
-    root = args.data or str(default_data_dir())
-    ensure_photos(root, args.set)
+    root = Path(args.data or default_data_dir())
+    if not (root / "manifest.json").is_file():
+        print(f"fetching the '{args.set}' photo set into {root} (Debian packages + wheels; one-time)")
+        fetch_photos(root, sets=(args.set, "wheels"))
     overrides.append(f"data.root={root}")
     out = args.out or "runs/demo"
     overrides.append(f"train.output_dir={out}")

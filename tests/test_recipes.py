@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from gq_plugin.config import list_recipes, load_config, resolve_recipe
+
+
+def test_bundled_recipes_load_and_validate():
+    names = list_recipes()
+    for expected in ("tiny_cpu", "sd3_gq_0.25", "sd3_gq_0.5", "sd3_gq_1.0", "ldm_f8_gq", "taming_f16_gq"):
+        assert expected in names
+    bpp = {}
+    for name in names:
+        cfg = load_config(name)
+        c = cfg.model.config
+        assert c.latent_channels % cfg.quantizer.codebook_dim == 0, name
+        f = 2 ** (len(c.block_out_channels) - 1)
+        groups = c.latent_channels // cfg.quantizer.codebook_dim
+        bpp[name] = groups * torch.tensor(float(cfg.quantizer.codebook_size)).log2().item() / (f * f)
+    assert bpp["sd3_gq_0.25"] == 0.25 and bpp["sd3_gq_0.5"] == 0.5 and bpp["sd3_gq_1.0"] == 1.0
+    assert bpp["ldm_f8_gq"] == 0.25 and bpp["taming_f16_gq"] == 0.0625
+
+
+def test_overrides_and_validation():
+    cfg = load_config("tiny_cpu", ["train.steps=7", "quantizer.codebook_size=256"])
+    assert cfg.train.steps == 7 and cfg.quantizer.codebook_size == 256
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in train: \['stpes'\]"):
+        load_config("tiny_cpu", ["train.stpes=7"])
+    with pytest.raises(ValueError, match="train.steps"):
+        load_config("tiny_cpu", ["train.steps=0"])
+    with pytest.raises(ValueError, match="not found"):
+        resolve_recipe("no_such_recipe")
+
+
+def test_tiny_recipe_builds_and_runs_forward():
+    pytest.importorskip("diffusers")
+    from gq_plugin.models import build_model
+
+    vae, wrapper = build_model(load_config("tiny_cpu"))
+    out = wrapper(torch.rand(2, 3, 64, 64) * 2 - 1)
+    assert out.sample.shape == (2, 3, 64, 64) and out.loss.ndim == 0
+    assert vae.gq_quantizer.num_codebooks == 2 and vae.gq_quantizer.tdc.auto_step is False
+    wrapper.eval()
+    out = wrapper(torch.rand(2, 3, 64, 64) * 2 - 1)
+    assert out.indices.shape == (2, 2, 16, 16)
