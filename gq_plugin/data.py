@@ -513,7 +513,10 @@ def _apt_download(packages: Sequence[str], dest: Path, deb_dir: Path | None, qui
             found[pkg] = hits[-1]
     if r.returncode != 0 and len(found) < len(packages):
         err = (r.stderr or r.stdout).strip().splitlines()
-        raise RuntimeError(f"apt-get download failed: {err[-1] if err else r.returncode}")
+        msg = f"apt-get download failed: {err[-1] if err else r.returncode}"
+        if not found:
+            raise RuntimeError(msg)
+        _log(f"{msg}; continuing with {len(found)} of {len(packages)} packages", quiet)
     return found
 
 
@@ -592,6 +595,7 @@ def fetch_photos(
     present |= {s for s, info in manifest.sources.items() if info.get("photos", 0) == 0}
     todo = [p for p in pkgs if p not in present]
     seen_md5 = {it["md5"] for it in manifest.items}
+    used_files = {it["file"] for it in manifest.items}
     settings = {"max_short_side": max_short_side}
 
     def add(found: _Found, source: str, package: str, version: str, lic: str) -> bool:
@@ -601,10 +605,14 @@ def fetch_photos(
         seen_md5.add(md5)
         out_dir = root / "photos" / source
         out_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"photos/{source}/{re.sub(r'[^A-Za-z0-9._-]+', '_', found.name)}"
+        if any(f"{stem}.{ext}" in used_files for ext in ("jpg", "png")):  # same name, other content
+            found.name = f"{found.name}_{md5[:8]}"
         path, size = _save(found, out_dir, max_short_side)
+        used_files.add(path.relative_to(root).as_posix())
         manifest.items.append(
             {
-                "file": str(path.relative_to(root)),
+                "file": path.relative_to(root).as_posix(),
                 "source": source,
                 "package": package,
                 "version": version,

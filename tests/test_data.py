@@ -249,3 +249,20 @@ def test_fetch_small_debian_package(tmp_path):
     assert {Path(it["file"]).stem for it in items} == {Path(n).stem for n in DEBIAN_SOURCES["palapeli-data"].items}
     assert all(min(it["size"]) == 128 and it["version"] for it in items)
     assert list((tmp_path / "licenses" / "palapeli-data").glob("*copyright"))
+
+
+def test_fetch_dedup_and_name_collisions(tmp_path, monkeypatch):
+    import gq_plugin.data as data_mod
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _photo(200, 150, 1).save(src / "a.png")
+    _photo(200, 150, 2).save(src / "b.png")
+    shutil.copy(src / "a.png", src / "a_copy.png")  # same bytes: dropped by md5
+    fake = [("same__name", src / "a.png", "CC0"), ("same__name", src / "b.png", "CC0"), ("copy", src / "a_copy.png", "CC0")]
+    monkeypatch.setattr(data_mod, "wheel_photos", lambda: iter(fake))
+    m = fetch_photos(tmp_path / "out", sets=("wheels",), max_short_side=100, use_apt=False, quiet=True)
+    items = json.loads(m.read_text())["items"]
+    assert len(items) == 2 and len({it["file"] for it in items}) == 2
+    assert all((tmp_path / "out" / it["file"]).is_file() and min(it["size"]) == 100 for it in items)
+    assert all(it["original_size"] == [200, 150] for it in items)
