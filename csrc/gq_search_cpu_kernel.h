@@ -15,7 +15,8 @@
 //    sees increasing codeword indices and updates on a strict '>', so it holds the earliest
 //    maximiser of its lane. The final horizontal reduction takes the max value and, among
 //    lanes holding it, the smallest index -> exactly "smallest k on ties".
-//  * Rows are split into blocks of MC rows (OpenMP, dynamic schedule). For each block the
+//  * Rows are split into blocks of MC rows (OpenMP, dynamic schedule; with few blocks the
+//    codebook is split as well, see search_impl). For each block the
 //    packed codebook is streamed once in panels; a panel (D * NR floats, 8 KiB at D = 32)
 //    stays in L1 while all MC rows of the block pass over it.
 //
@@ -118,21 +119,39 @@ template <int DT>
 static void search_impl(const float* W, const float* packed, int64_t N, int32_t K, int D, int64_t* out) {
   const int32_t n_panels = (K + NR - 1) / NR;
   const int64_t n_blocks = (N + MC - 1) / MC;
+  // Few row blocks (small N): also split the codebook, so every thread gets work. Each split
+  // writes its per-row best to part_v/part_i; they are merged in split order (ties -> the
+  // earlier split, i.e. the smaller index). Memory O(N * splits), splits <= 4 * threads.
+#ifdef _OPENMP
+  const int64_t n_threads = omp_get_max_threads();
+#else
+  const int64_t n_threads = 1;
+#endif
+  int64_t splits = 1;
+  if (n_threads > 1 && n_blocks < 4 * n_threads)
+    splits = std::min<int64_t>((4 * n_threads + n_blocks - 1) / n_blocks, n_panels);
+  const int32_t per_split = static_cast<int32_t>((n_panels + splits - 1) / splits);
+  splits = (n_panels + per_split - 1) / per_split;
+  std::vector<float> part_v(splits > 1 ? static_cast<size_t>(splits * N) : 0);
+  std::vector<int32_t> part_i(splits > 1 ? static_cast<size_t>(splits * N) : 0);
 #pragma omp parallel
   {
     std::vector<float> wbuf(static_cast<size_t>(MC) * D);
     std::vector<float> bv(static_cast<size_t>(MC) * VL);
     std::vector<int32_t> bi(static_cast<size_t>(MC) * VL);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < n_blocks; ++b) {
+    for (int64_t t = 0; t < n_blocks * splits; ++t) {
+      const int64_t b = t / splits, s = t % splits;
+      const int32_t p_begin = static_cast<int32_t>(s) * per_split;
+      const int32_t p_end = std::min<int32_t>(n_panels, p_begin + per_split);
       const int64_t n0 = b * MC;
       const int rows = static_cast<int>(std::min<int64_t>(MC, N - n0));
       const int rows_pad = (rows + MR - 1) / MR * MR;
       std::memcpy(wbuf.data(), W + n0 * D, sizeof(float) * rows * D);
       if (rows_pad > rows) std::memset(wbuf.data() + rows * D, 0, sizeof(float) * (rows_pad - rows) * D);
       std::fill(bv.begin(), bv.end(), -std::numeric_limits<float>::infinity());
-      std::fill(bi.begin(), bi.end(), 0);
-      for (int32_t p = 0; p < n_panels; ++p) {
+      std::fill(bi.begin(), bi.end(), p_begin * NR);
+      for (int32_t p = p_begin; p < p_end; ++p) {
         const float* panel = packed + static_cast<int64_t>(p) * D * NR;
         const int32_t k0 = p * NR;
         const bool last = (p == n_panels - 1) && (K % NR != 0);
@@ -143,7 +162,7 @@ static void search_impl(const float* W, const float* packed, int64_t N, int32_t 
             micro_kernel<DT, false>(wbuf.data() + r * D, panel, D, k0, K, bv.data() + r * VL, bi.data() + r * VL);
         }
       }
-      for (int r = 0; r < rows; ++r) {
+      for (int r = 0; r < rows; ++r) {  // lanes -> row: max value, smallest index among equals
         float m = -std::numeric_limits<float>::infinity();
         int32_t mi = std::numeric_limits<int32_t>::max();
         for (int l = 0; l < VL; ++l) {
@@ -154,9 +173,27 @@ static void search_impl(const float* W, const float* packed, int64_t N, int32_t 
             mi = i;
           }
         }
-        if (mi == std::numeric_limits<int32_t>::max()) mi = 0;  // all scores NaN
-        out[n0 + r] = mi;
+        if (mi == std::numeric_limits<int32_t>::max()) mi = p_begin * NR;  // all scores NaN
+        if (splits == 1) {
+          out[n0 + r] = mi;
+        } else {
+          part_v[s * N + n0 + r] = m;
+          part_i[s * N + n0 + r] = mi;
+        }
       }
+    }
+  }
+  if (splits > 1) {
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      float m = part_v[n];
+      int32_t mi = part_i[n];
+      for (int64_t s = 1; s < splits; ++s)
+        if (part_v[s * N + n] > m) {  // strict: the earlier split keeps ties
+          m = part_v[s * N + n];
+          mi = part_i[s * N + n];
+        }
+      out[n] = mi;
     }
   }
 }
