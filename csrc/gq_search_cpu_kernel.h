@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #ifdef _OPENMP
@@ -199,13 +200,16 @@ static void search_impl(const float* W, const float* packed, int64_t N, int32_t 
 }
 
 // Pack F (K x D) into panels [p][d][NR], zero padded.
-static std::vector<float> pack_codebook(const float* F, int32_t K, int D) {
+static std::unique_ptr<float[]> pack_codebook(const float* F, int32_t K, int D) {
   const int32_t n_panels = (K + NR - 1) / NR;
-  std::vector<float> packed(static_cast<size_t>(n_panels) * D * NR, 0.0f);
+  // no zero-initialisation of the whole buffer: only the padding of the last panel needs it
+  std::unique_ptr<float[]> packed(new float[static_cast<size_t>(n_panels) * D * NR]);
 #pragma omp parallel for schedule(static)
   for (int32_t p = 0; p < n_panels; ++p) {
-    float* dst = packed.data() + static_cast<int64_t>(p) * D * NR;
+    float* dst = packed.get() + static_cast<int64_t>(p) * D * NR;
     const int32_t kn = std::min<int32_t>(NR, K - p * NR);
+    if (kn < NR)
+      for (int d = 0; d < D; ++d) std::memset(dst + d * NR + kn, 0, sizeof(float) * (NR - kn));
     for (int32_t j = 0; j < kn; ++j) {
       const float* src = F + static_cast<int64_t>(p * NR + j) * D;
       for (int d = 0; d < D; ++d) dst[d * NR + j] = src[d];
@@ -214,18 +218,17 @@ static std::vector<float> pack_codebook(const float* F, int32_t K, int D) {
   return packed;
 }
 
-
 // index[n] = argmax_k W[n].F[k]; W: N x D, F: K x D (row-major float32), out: N int64.
 inline void argmax_ip(const float* W, const float* F, int64_t N, int32_t K, int D, int64_t* out) {
-  const std::vector<float> packed = pack_codebook(F, K, D);
+  const std::unique_ptr<float[]> packed = pack_codebook(F, K, D);
   switch (D) {
-    case 2: search_impl<2>(W, packed.data(), N, K, D, out); break;
-    case 4: search_impl<4>(W, packed.data(), N, K, D, out); break;
-    case 8: search_impl<8>(W, packed.data(), N, K, D, out); break;
-    case 16: search_impl<16>(W, packed.data(), N, K, D, out); break;
-    case 32: search_impl<32>(W, packed.data(), N, K, D, out); break;
-    case 64: search_impl<64>(W, packed.data(), N, K, D, out); break;
-    default: search_impl<0>(W, packed.data(), N, K, D, out); break;
+    case 2: search_impl<2>(W, packed.get(), N, K, D, out); break;
+    case 4: search_impl<4>(W, packed.get(), N, K, D, out); break;
+    case 8: search_impl<8>(W, packed.get(), N, K, D, out); break;
+    case 16: search_impl<16>(W, packed.get(), N, K, D, out); break;
+    case 32: search_impl<32>(W, packed.get(), N, K, D, out); break;
+    case 64: search_impl<64>(W, packed.get(), N, K, D, out); break;
+    default: search_impl<0>(W, packed.get(), N, K, D, out); break;
   }
 }
 
