@@ -351,13 +351,14 @@ class _Manifest:
     root: Path
     items: list[dict] = field(default_factory=list)
     sources: dict[str, dict] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, root: Path) -> _Manifest:
         p = root / MANIFEST
         if p.is_file():
             d = json.loads(p.read_text())
-            return cls(root, d.get("items", []), d.get("sources", {}))
+            return cls(root, d.get("items", []), d.get("sources", {}), d.get("settings", {}))
         return cls(root)
 
     def save(self, settings: dict) -> Path:
@@ -584,6 +585,16 @@ def fetch_photos(
     want_wheels = "wheels" in sets
 
     manifest = _Manifest.load(root)
+    old_side = manifest.settings.get("max_short_side", max_short_side)
+    if manifest.items and old_side != max_short_side:
+        if not force:
+            raise ValueError(
+                f"{root} holds photos resized to max_short_side={old_side}, not {max_short_side}: "
+                "use another folder, the same size, or force=True (--force) to rebuild it"
+            )
+        for it in manifest.items:
+            (root / it["file"]).unlink(missing_ok=True)
+        manifest.items, manifest.sources = [], {}
     if force:
         drop = set(pkgs) | ({"wheels"} if want_wheels else set())
         manifest.items = [it for it in manifest.items if it["source"] not in drop]

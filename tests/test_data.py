@@ -266,3 +266,15 @@ def test_fetch_dedup_and_name_collisions(tmp_path, monkeypatch):
     assert len(items) == 2 and len({it["file"] for it in items}) == 2
     assert all((tmp_path / "out" / it["file"]).is_file() and min(it["size"]) == 100 for it in items)
     assert all(it["original_size"] == [200, 150] for it in items)
+
+
+@pytest.mark.skipif(not HAVE_WHEEL_PHOTOS, reason="pip install scikit-image scikit-learn")
+def test_fetch_refuses_mixed_sizes(tmp_path):
+    fetch_photos(tmp_path, sets=("wheels",), max_short_side=64, use_apt=False, quiet=True)
+    with pytest.raises(ValueError, match="max_short_side=64"):
+        fetch_photos(tmp_path, sets=("wheels",), max_short_side=80, use_apt=False, quiet=True)
+    m = fetch_photos(tmp_path, sets=("wheels",), max_short_side=80, use_apt=False, force=True, quiet=True)
+    doc = json.loads(m.read_text())
+    assert doc["settings"]["max_short_side"] == 80
+    assert all(min(it["size"]) == 80 for it in doc["items"])  # every wheel photo is larger
+    assert len(list((tmp_path / "photos").rglob("*.*"))) == doc["n_photos"]
