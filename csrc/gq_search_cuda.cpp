@@ -18,7 +18,7 @@ torch::Tensor argmax_ip(torch::Tensor W, torch::Tensor F) {
   TORCH_CHECK(W.scalar_type() == torch::kFloat32 && F.scalar_type() == torch::kFloat32,
               "gq cuda kernel: W and F must be float32");
   TORCH_CHECK(W.dim() == 2 && F.dim() == 2 && W.size(1) == F.size(1), "gq cuda kernel: W (N, D) and F (K, D)");
-  TORCH_CHECK(F.size(0) >= 1 && F.size(0) < (int64_t(1) << 31) - 1, "gq cuda kernel: need 1 <= K < 2^31 - 1");
+  TORCH_CHECK(F.size(0) >= 1 && F.size(0) < (int64_t(1) << 31) - 1024, "gq cuda kernel: need 1 <= K < 2^31 - 1024");
   const int D = static_cast<int>(W.size(1));
   const int Dp = gq_argmax_ip_cuda_padded_dim(D);
   TORCH_CHECK(Dp > 0, "gq cuda kernel: D must be <= 64, got ", D);
