@@ -278,3 +278,15 @@ def test_fetch_refuses_mixed_sizes(tmp_path):
     assert doc["settings"]["max_short_side"] == 80
     assert all(min(it["size"]) == 80 for it in doc["items"])  # every wheel photo is larger
     assert len(list((tmp_path / "photos").rglob("*.*"))) == doc["n_photos"]
+
+
+@pytest.mark.skipif(not HAVE_WHEEL_PHOTOS, reason="pip install scikit-image scikit-learn")
+def test_fetch_falls_back_to_wheels_without_apt(tmp_path, monkeypatch, capsys):
+    import gq_plugin.data as data_mod
+
+    monkeypatch.setattr(data_mod.shutil, "which", lambda name: None)  # no apt-get / dpkg-deb
+    m = fetch_photos(tmp_path, sets=("tiny",), max_short_side=64)
+    doc = json.loads(m.read_text())
+    assert "apt_failed" in doc["settings"] and doc["n_photos"] > 0
+    assert {it["source"] for it in doc["items"]} == {"wheels"}
+    assert "falling back" in capsys.readouterr().err
