@@ -23,6 +23,7 @@ where ``G = dim / codebook_dim`` sub-codebooks per token share one ``(K, m)`` co
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,31 @@ from .tdc import TargetDivergenceConstraint
 
 _GROUPING_CODES = {g: i for i, g in enumerate(cbm.GROUPINGS)}
 _KIND_CODES = {k: i for i, k in enumerate(cbm.CODEBOOK_KINDS)}
+CONFIG_FIELDS = ("codebook_size (K)", "codebook_dim (m)", "grouping", "codebook kind", "seed", "dim", "beta")
+
+
+def beta_to_int(beta: float) -> int:
+    """The float64 bit pattern of ``beta`` as an int64 (so it fits the int64 config buffer)."""
+    return struct.unpack("<q", struct.pack("<d", float(beta)))[0]
+
+
+def int_to_beta(value: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", int(value)))[0]
+
+
+def decode_config(values: list[int]) -> dict:
+    """The ``gq_config`` buffer as a dict (older 6-field buffers have no beta)."""
+    out = {
+        "codebook_size": values[0],
+        "codebook_dim": values[1],
+        "grouping": cbm.GROUPINGS[values[2]] if 0 <= values[2] < len(cbm.GROUPINGS) else values[2],
+        "codebook": cbm.CODEBOOK_KINDS[values[3]] if 0 <= values[3] < len(cbm.CODEBOOK_KINDS) else values[3],
+        "seed": values[4],
+        "dim": values[5],
+    }
+    if len(values) > 6:
+        out["beta"] = int_to_beta(values[6])
+    return out
 
 
 @dataclass
@@ -167,7 +193,8 @@ class GaussianQuantizer(nn.Module):
 
     def _config_tensor(self) -> torch.Tensor:
         return torch.tensor(
-            [self.codebook_size, self.codebook_dim, _GROUPING_CODES[self.grouping], _KIND_CODES[self.codebook_kind], self.seed, self.dim],
+            [self.codebook_size, self.codebook_dim, _GROUPING_CODES[self.grouping], _KIND_CODES[self.codebook_kind], self.seed, self.dim,
+             beta_to_int(self.beta)],
             dtype=torch.int64,
         )
 
@@ -195,18 +222,18 @@ class GaussianQuantizer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         cfg = state_dict.get(prefix + "gq_config")
         if cfg is not None:
-            cfg = cfg.reshape(-1).tolist()
-            mine = self._config_tensor().tolist()
-            names = ["codebook_size (K)", "codebook_dim (m)", "grouping", "codebook kind", "seed", "dim"]
-            decode = [None, None, cbm.GROUPINGS, cbm.CODEBOOK_KINDS, None, None]
-            diffs = []
-            for name, dec, theirs, ours in zip(names, decode, cfg, mine):
-                if theirs != ours:
-                    t = dec[theirs] if dec and 0 <= theirs < len(dec) else theirs
-                    o = dec[ours] if dec else ours
-                    diffs.append(f"{name}: checkpoint {t!r} vs model {o!r}")
+            theirs = decode_config(cfg.reshape(-1).tolist())
+            mine = decode_config(self._config_tensor().tolist())
+            keys = list(theirs)  # a 6-field buffer (no beta) is checked on the fields it has
+            diffs = [
+                f"{name}: checkpoint {theirs[k]!r} vs model {mine[k]!r}"
+                for name, k in zip(CONFIG_FIELDS, keys)
+                if theirs[k] != mine[k]
+            ]
             if diffs:
                 raise ValueError("GQ checkpoint does not match this quantizer: " + "; ".join(diffs))
+            if "beta" not in theirs:  # upgrade a 6-field buffer in place
+                state_dict[prefix + "gq_config"] = self._config_tensor()
         fp = state_dict.get(prefix + "codebook_fingerprint")
         if fp is not None:
             theirs = cbm.tensor_to_fingerprint(fp)

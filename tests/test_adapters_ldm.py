@@ -53,7 +53,7 @@ def test_state_dict_and_unpatch():
     sd = model.state_dict()
     assert {"gq_quantizer.tdc.lam_global", "gq_quantizer.codebook_fingerprint"} <= set(sd)
     settings = adapters.gq_settings_from_state_dict(sd)
-    assert settings == {"K": 2**6, "m": 4, "grouping": "contiguous", "codebook": "sobol", "seed": 42}
+    assert settings == {"K": 2**6, "m": 4, "grouping": "contiguous", "codebook": "sobol", "seed": 42, "beta": 1.0}
     other = adapters.patch_ldm_autoencoder(LdmAutoencoderKL(), **settings)
     other.load_state_dict(sd)
     adapters.unpatch(model)

@@ -107,6 +107,12 @@ def test_state_dict_round_trip_and_mismatch_refusal():
         GaussianQuantizer(16, 2**10, 8, grouping="strided").load_state_dict(sd)
     with pytest.raises(ValueError, match="seed"):
         GaussianQuantizer(16, 2**10, 8, seed=0).load_state_dict(sd)
+    with pytest.raises(ValueError, match="beta: checkpoint 1.0 vs model 0.0"):
+        GaussianQuantizer(16, 2**10, 8, beta=0.0).load_state_dict(sd)
+    # checkpoints written before beta was stored (6-field config) still load
+    old = dict(sd)
+    old["gq_config"] = sd["gq_config"][:6]
+    GaussianQuantizer(16, 2**10, 8, beta=0.0).load_state_dict(old)
     tampered = dict(sd)
     tampered["codebook_fingerprint"] = sd["codebook_fingerprint"] + 1
     with pytest.raises(ValueError, match="fingerprint mismatch"):

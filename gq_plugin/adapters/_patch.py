@@ -99,16 +99,19 @@ def uninstall(model):
 
 
 def gq_settings_from_state_dict(state_dict, prefix: str = QUANTIZER_ATTR + ".") -> dict:
-    """Recover ``{"K", "m", "grouping", "codebook", "seed"}`` from a checkpoint's ``gq_config`` buffer.
+    """Recover ``{"K", "m", "grouping", "codebook", "seed", "beta"}`` from a checkpoint's ``gq_config`` buffer.
 
     For plain ``state_dict`` checkpoints (ldm, TokenBridge): re-patch with these settings, then
-    ``load_state_dict``. ``beta`` and the TDC settings are not in the buffer; pass them again if
-    you changed the defaults.
+    ``load_state_dict``. The TDC settings are not in the buffer; pass them again if you changed
+    the defaults (``beta`` is missing only from checkpoints of gq-plugin before it was stored).
     """
-    from ..codebook import CODEBOOK_KINDS, GROUPINGS
+    from ..quantizer import decode_config
 
     key = prefix + "gq_config"
     if key not in state_dict:
         raise ValueError(f"no {key!r} in the state dict (not saved from a GQ-patched model, or another prefix)")
-    k, m, grouping, kind, seed, _dim = (int(v) for v in state_dict[key].reshape(-1).tolist())
-    return {"K": k, "m": m, "grouping": GROUPINGS[grouping], "codebook": CODEBOOK_KINDS[kind], "seed": seed}
+    cfg = decode_config([int(v) for v in state_dict[key].reshape(-1).tolist()])
+    out = {"K": cfg["codebook_size"], "m": cfg["codebook_dim"], "grouping": cfg["grouping"], "codebook": cfg["codebook"], "seed": cfg["seed"]}
+    if "beta" in cfg:
+        out["beta"] = cfg["beta"]
+    return out
