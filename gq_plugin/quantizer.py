@@ -395,7 +395,7 @@ class GaussianQuantizer(nn.Module):
 
         Returns the quantized latent in the layout ``forward`` returns (float32).
         """
-        z = cbm.ungroup_channels(self.get_codes_from_indices(indices), self.grouping)
+        z = cbm.ungroup_channels(self._codebook[self._check_indices(indices)], self.grouping)
         if self.accept_image_fmap:
             return z.permute(0, 3, 1, 2)
         if z.ndim == 3 and not self.channel_last:

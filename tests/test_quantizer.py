@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from gq_plugin import GaussianQuantizer, codebook_usage, gq_search, search_reference
+from gq_plugin import GaussianQuantizer, codebook_usage, search_reference
 from gq_plugin.codebook import group_channels
 
 

@@ -1,8 +1,6 @@
 import io
 import os
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest

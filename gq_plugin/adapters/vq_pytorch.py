@@ -33,7 +33,6 @@ import warnings
 
 import torch
 
-from .. import codebook as cbm
 from ..quantizer import GaussianQuantizer
 
 
@@ -121,19 +120,11 @@ class GaussianQuantize(GaussianQuantizer):
     def encode_indices(self, x, logvar: torch.Tensor | None = None) -> torch.Tensor:
         return self.quantize(x, logvar)[1]
 
-    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """Indices (VectorQuantize layout) -> the quantized output (forward's layout, float32)."""
-        z = cbm.ungroup_channels(self._codebook[self._check_indices(indices)], self.grouping)
-        if self.accept_image_fmap:
-            return z.permute(0, 3, 1, 2)
-        if z.ndim == 3 and not self.channel_last:
-            return z.transpose(1, 2)
-        return z
-
-    # no projection: the codes are the output
-    get_codes_from_indices = get_output_from_indices
-    indices_to_codes = get_output_from_indices
-    dequant = get_output_from_indices
+    # Indices (VectorQuantize layout, read by the overridden _check_indices) -> the quantized
+    # output in forward's layout; no projection, so the codes are the output.
+    get_output_from_indices = GaussianQuantizer.dequant
+    get_codes_from_indices = GaussianQuantizer.dequant
+    indices_to_codes = GaussianQuantizer.dequant
 
 
 def register_with_vector_quantize_pytorch() -> bool:
