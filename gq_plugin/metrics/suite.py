@@ -38,6 +38,9 @@ class MetricSuite:
         ssim / ms_ssim: report SSIM / MS-SSIM (MS-SSIM is NaN below 161 px; see
             :mod:`gq_plugin.metrics.image`).
         distribution: report ``FD-EffNetLite0`` and ``KID-EffNetLite0``.
+        features / feature_name: another frozen feature extractor (``[-1, 1]`` NCHW images ->
+            ``(N, D)``) for the distribution metrics, reported as ``FD-<feature_name>`` /
+            ``KID-<feature_name>`` (never "FID": only InceptionV3 features give FID).
         min_images_fd: minimum number of images for the distribution metrics.
         kid_subset_size: subset size of KID (capped at the number of images).
         device: where the networks run (default: the device of the first batch).
@@ -50,6 +53,8 @@ class MetricSuite:
         ssim: bool = True,
         ms_ssim: bool = True,
         distribution: bool = True,
+        features: torch.nn.Module | None = None,
+        feature_name: str | None = None,
         min_images_fd: int = 50,
         kid_subset_size: int = 100,
         device: torch.device | str | None = None,
@@ -64,7 +69,12 @@ class MetricSuite:
         self.device = torch.device(device) if device is not None else None
         self.strict = strict
         self._lpips: dict[str, LPIPS | None] = {}
-        self._feat: EffNetLite0Features | None | bool = None  # False = unavailable
+        self._feat: torch.nn.Module | None | bool = features  # None = load lazily, False = unavailable
+        if features is not None:
+            name = feature_name or type(features).__name__
+            self.fd_name, self.kid_name = f"FD-{name}", f"KID-{name}"
+        else:
+            self.fd_name, self.kid_name = FD_NAME, KID_NAME
         self.notes: list[str] = []
         self.reset()
 
@@ -101,14 +111,14 @@ class MetricSuite:
                 self._fail(f"LPIPS-{net}", e)
         return self._lpips[net]
 
-    def _features(self, device: torch.device) -> EffNetLite0Features | None:
+    def _features(self, device: torch.device) -> torch.nn.Module | None:
         if self._feat is None:
             try:
                 self._feat = EffNetLite0Features().to(device)
             except (FileNotFoundError, ImportError) as e:
                 self._feat = False
-                self._fail(f"{FD_NAME}/{KID_NAME}", e)
-        return self._feat or None
+                self._fail(f"{self.fd_name}/{self.kid_name}", e)
+        return self._feat.to(device) if self._feat else None
 
     # ------------------------------------------------------------------ API
     @torch.no_grad()
@@ -155,12 +165,12 @@ class MetricSuite:
             out["MS-SSIM"] = math.nan
         if self.distribution and self._feat and self.n_images >= self.min_images_fd:
             fr, ff = self._real.features, self._fake.features
-            out[FD_NAME] = frechet_distance(fr, ff)
+            out[self.fd_name] = frechet_distance(fr, ff)
             kid, kid_std = kernel_inception_distance(fr, ff, subset_size=self.kid_subset_size)
-            out[KID_NAME] = kid
-            out[f"{KID_NAME}-std"] = kid_std
+            out[self.kid_name] = kid
+            out[f"{self.kid_name}-std"] = kid_std
         elif self.distribution and self._feat and self.n_images:
-            note = f"{FD_NAME}/{KID_NAME} need >= {self.min_images_fd} images (got {self.n_images})"
+            note = f"{self.fd_name}/{self.kid_name} need >= {self.min_images_fd} images (got {self.n_images})"
             if note not in self.notes:
                 self.notes.append(note)
         out["n_images"] = self.n_images
