@@ -1,0 +1,430 @@
+"""Reproduce the paper's claims on real photos: GQ+TDC vs VQ / FSQ / LFQ / BSQ / TokenBridge (issue #6).
+
+    python benchmarks/paper/run.py --scale tiny [--seeds 2] [--only ROWS] [--out benchmarks/paper]
+
+One backbone (diffusers AutoencoderKL), one data split (held-out photos, split by photo), one step
+count, one learning rate and one bit budget per token for every row. Every trained (model, seed)
+keeps its checkpoint under ``<out>/runs/``; every evaluated (row, seed) writes
+``<out>/results/<row>/seed<k>.json``; a rerun skips what is finished and resumes unfinished
+trainings from their last checkpoint. ``RESULTS.md`` and the plots are regenerated from whatever
+result files exist (rows not run yet are marked). ``--only`` takes row names or groups
+(``main``, ``ksweep``, ``msweep``, ``alpha``, ``beta``), comma separated.
+
+Scales: ``smoke`` (micro model, 32x32, a few steps: the test), ``tiny`` (tiny_cpu-like f4 model with
+8 latent channels at 64x64, 2 CPU cores), ``full`` (SD3-VAE-sized f8 / 16 channels at 256x256, GPUs).
+``--estimate`` times a few optimizer steps of every training in the plan and prints the projected
+wall time instead of running it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+BITS_PER_TOKEN = 16
+FSQ_LEVELS_16 = [8, 8, 8, 5, 5, 5]
+
+# --------------------------------------------------------------------------- scales
+
+_BLOCKS = {
+    3: (["DownEncoderBlock2D"] * 3, ["UpDecoderBlock2D"] * 3),
+    4: (["DownEncoderBlock2D"] * 4, ["UpDecoderBlock2D"] * 4),
+}
+
+
+def _model(channels, latent, layers, groups, size):
+    down, up = _BLOCKS[len(channels)]
+    return {"in_channels": 3, "out_channels": 3, "down_block_types": down, "up_block_types": up, "block_out_channels": list(channels),
+            "layers_per_block": layers, "latent_channels": latent, "norm_num_groups": groups, "sample_size": size,
+            "mid_block_add_attention": False, "use_quant_conv": False, "use_post_quant_conv": False}
+
+
+SCALES = {
+    # micro model for the test: f4, 8 latent channels, 32x32 crops, a handful of steps
+    "smoke": {"model": _model([8, 8, 16], 8, 1, 4, 32), "size": 32, "resize": 64, "steps": 3, "batch": 4, "lr": 1e-3, "lpips": 0.2,
+              "eval_images": 16, "eval_crops": 1, "eval_batch": 16, "distribution": False, "seeds": 1, "ckpt_every": 0,
+              "entropy_frac": 0.25, "ksweep": [12, 14, 16], "msweep": [2, 4, 8], "alphas": [0.25, 0.5, 1.0]},
+    # tiny_cpu backbone (recipes/tiny_cpu.yaml): f4, 8 latent channels, 64x64 crops of 128-px photos
+    "tiny": {"model": _model([32, 32, 64], 8, 1, 32, 64), "size": 64, "resize": 128, "steps": 200, "batch": 8, "lr": 1e-3, "lpips": 0.2,
+             "eval_images": 192, "eval_crops": 4, "eval_batch": 32, "distribution": True, "seeds": 2, "ckpt_every": 50,
+             "entropy_frac": 0.25, "ksweep": [12, 13, 14, 15, 16, 17, 18], "msweep": [2, 4, 8], "alphas": [0.25, 0.5, 1.0]},
+    # SD3-VAE-sized backbone: f8, 16 latent channels, 256x256 -> 16 bits / 64 px = 0.25 bpp (the paper's headline)
+    "full": {"model": _model([128, 256, 512, 512], 16, 2, 32, 256), "size": 256, "resize": None, "steps": 50000, "batch": 16, "lr": 1e-4,
+             "lpips": 1.0, "eval_images": 5000, "eval_crops": 1, "eval_batch": 16, "distribution": True, "seeds": 2, "ckpt_every": 2500,
+             "entropy_frac": 1.0, "ksweep": [12, 13, 14, 15, 16, 17, 18], "msweep": [4, 8, 16], "alphas": [0.25, 0.5, 1.0]},
+}
+
+# the paper's numbers (reference.md §12.1: ImageNet 256^2 reconstruction, UNet; bpp 0.25 / 0.5 / 1.0)
+PAPER = {
+    "GQ": {"PSNR": (27.61, 30.17, 32.47), "SSIM": (0.807, 0.875, 0.907), "LPIPS": (0.059, 0.039, 0.023)},
+    "VQGAN": {"PSNR": (26.51, 29.21, 32.06), "SSIM": (0.7481, 0.8314, 0.8963), "LPIPS": (0.125, 0.0526, 0.0268)},
+    "FSQ": {"PSNR": (26.34, 29.29, 32.38), "SSIM": (0.756, 0.845, 0.905), "LPIPS": (0.075, 0.047, 0.025)},
+    "LFQ": {"PSNR": (24.74, 26.90, 28.31), "SSIM": (0.722, 0.800, 0.840), "LPIPS": (0.164, 0.107, 0.074)},
+    "BSQ": {"PSNR": (25.62, 27.88, 30.50), "SSIM": (0.754, 0.836, 0.900), "LPIPS": (0.086, 0.059, 0.032)},
+}
+PAPER_RATES = {"vanilla": (0.26, 27.29), "tdc": (2.93, 5.63)}
+PAPER_ROW = {"tdc+gq": "GQ", "vq": "VQGAN", "fsq": "FSQ", "lfq": "LFQ", "bsq": "BSQ"}
+
+# --------------------------------------------------------------------------- plan
+
+
+def plan(scale: str) -> tuple[dict, dict]:
+    """``(trains, rows)``. trains: name -> quantizer overrides. rows: name -> eval spec."""
+    s = SCALES[scale]
+    C = s["model"]["latent_channels"]
+    K = 2**BITS_PER_TOKEN
+    gq = {"name": "gq", "codebook_size": K, "codebook_dim": C}
+    trains = {
+        # vanilla Gaussian VAE: the same rate term with only the global multiplier (a KL weight that
+        # adapts so the MEAN group rate sits at log2 K); lam_max = lam_min = 1: no per-group control
+        "vanilla": {**gq, "lam_max_range": [1.0, 1.0], "lam_min_range": [1.0, 1.0]},
+        "tdc": dict(gq),
+        "vq": {"name": "vq", "codebook_size": K},
+        "fsq": {"name": "fsq", "levels": FSQ_LEVELS_16},
+        "lfq": {"name": "lfq", "codebook_size": K, "entropy_frac": s["entropy_frac"]},
+        "bsq": {"name": "bsq", "codebook_size": K, "entropy_frac": s["entropy_frac"]},
+    }
+    rows = {
+        "vanilla": {"group": "main", "train": "vanilla", "kind": "continuous", "label": "Gaussian VAE (vanilla KL), continuous"},
+        "vanilla+gq": {"group": "main", "train": "vanilla", "kind": "gq", "K": K, "m": C, "beta": 1.0,
+                       "label": "vanilla VAE + GQ (converted, no training)"},
+        "tdc": {"group": "main", "train": "tdc", "kind": "continuous", "label": "TDC VAE, continuous"},
+        "tdc+gq": {"group": "main", "train": "tdc", "kind": "gq", "K": K, "m": C, "beta": 1.0, "label": "TDC VAE + GQ"},
+        "vq": {"group": "main", "train": "vq", "kind": "baseline", "label": "VQ (EMA, k-means init)"},
+        "fsq": {"group": "main", "train": "fsq", "kind": "baseline", "label": f"FSQ {FSQ_LEVELS_16}"},
+        "lfq": {"group": "main", "train": "lfq", "kind": "baseline", "label": "LFQ"},
+        "bsq": {"group": "main", "train": "bsq", "kind": "baseline", "label": "BSQ"},
+        "tokenbridge-vanilla": {"group": "main", "train": "vanilla", "kind": "tokenbridge", "bits": BITS_PER_TOKEN // C,
+                                "label": f"TokenBridge {BITS_PER_TOKEN // C} bit x {C} ch on vanilla VAE"},
+        "tokenbridge-tdc": {"group": "main", "train": "tdc", "kind": "tokenbridge", "bits": BITS_PER_TOKEN // C,
+                            "label": f"TokenBridge {BITS_PER_TOKEN // C} bit x {C} ch on TDC VAE"},
+    }
+    for k in s["ksweep"]:
+        for t in ("tdc", "vanilla"):
+            rows[f"{t}+gq@K2^{k}"] = {"group": "ksweep", "train": t, "kind": "gq", "K": 2**k, "m": C, "beta": 1.0, "light": True,
+                                      "label": f"{t} + GQ, K=2^{k}, m={C}"}
+    for m in s["msweep"]:
+        if m == C:
+            continue
+        bits = BITS_PER_TOKEN * m // C
+        trains[f"tdc-m{m}"] = {"name": "gq", "codebook_size": 2**bits, "codebook_dim": m}
+        rows[f"tdc-m{m}+gq"] = {"group": "msweep", "train": f"tdc-m{m}", "kind": "gq", "K": 2**bits, "m": m, "beta": 1.0,
+                                "label": f"TDC + GQ, m={m}, K=2^{bits}"}
+    for a in s["alphas"]:
+        if a == 0.5:
+            continue
+        trains[f"tdc-a{a:g}"] = {**gq, "tolerance": a}
+        rows[f"tdc-a{a:g}+gq"] = {"group": "alpha", "train": f"tdc-a{a:g}", "kind": "gq", "K": K, "m": C, "beta": 1.0,
+                                  "label": f"TDC + GQ, alpha={a:g}"}
+    rows["tdc+gq-beta0"] = {"group": "beta", "train": "tdc", "kind": "gq", "K": K, "m": C, "beta": 0.0, "label": "TDC + GQ, beta=0"}
+    return trains, rows
+
+
+def select_rows(rows: dict, only: str | None) -> list[str]:
+    if not only:
+        return list(rows)
+    out = []
+    for tok in [t.strip() for t in only.split(",") if t.strip()]:
+        hit = [r for r, spec in rows.items() if r == tok or spec["group"] == tok]
+        if not hit:
+            raise SystemExit(f"--only: unknown row or group {tok!r}; rows: {', '.join(rows)}; groups: main, ksweep, msweep, alpha, beta")
+        out += [h for h in hit if h not in out]
+    return out
+
+
+# --------------------------------------------------------------------------- config / training
+
+
+def recipe(scale: str, qcfg: dict, seed: int, out_dir: Path, data_root: str | None) -> dict:
+    s = SCALES[scale]
+    q = {k: v for k, v in qcfg.items() if k != "entropy_frac"}
+    if q["name"] in ("lfq", "bsq") and qcfg.get("entropy_frac", 1.0) < 1.0:
+        q["frac_per_sample_entropy"] = float(qcfg["entropy_frac"])
+    return {
+        "name": f"paper-{scale}",
+        "seed": seed,
+        "model": {"config": s["model"]},
+        "quantizer": q,
+        "loss": {"l1": 1.0, "lpips": s["lpips"], "lpips_net": "alex"},
+        "optim": {"lr": s["lr"], "betas": [0.5, 0.9], "grad_clip": 1.0},
+        "train": {"steps": s["steps"], "batch_size": s["batch"], "log_every": max(1, min(20, s["steps"])), "ckpt_every": s["ckpt_every"],
+                  "output_dir": str(out_dir)},
+        "data": {"root": data_root, "size": s["size"], "resize": s["resize"], "crops_per_image": 8, "eval_crops_per_image": s["eval_crops"],
+                 "eval_fraction": 0.15, "split_seed": 0},
+        "eval": {"batch_size": s["eval_batch"], "max_images": s["eval_images"], "distribution": s["distribution"]},
+    }
+
+
+def _load_config(cfg: dict):
+    from gq_plugin.config import load_config
+
+    return load_config(cfg)
+
+
+def ensure_trained(name: str, qcfg: dict, seed: int, args, log) -> dict:
+    """Train (or resume, or skip) one (model, seed); returns its train.json."""
+    from gq_plugin.train import latest_checkpoint, train
+
+    run_dir = Path(args.out) / "runs" / args.scale / f"{name}-seed{seed}"
+    done = run_dir / "train.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cfg = _load_config(recipe(args.scale, qcfg, seed, run_dir, args.data_root))
+    resume = "latest" if latest_checkpoint(run_dir) is not None else None
+    prev = 0.0
+    if resume and (run_dir / "train_time_partial.json").is_file():
+        prev = json.loads((run_dir / "train_time_partial.json").read_text())["train_time_s"]
+    log(f"train {name} seed {seed} ({'resume' if resume else 'start'}, {cfg.train.steps} steps)")
+    res = _train_with_time_log(train, cfg, resume, run_dir, prev, args)
+    info = {"train": name, "seed": seed, "steps": int(cfg.train.steps), "batch_size": int(cfg.train.batch_size), "lr": float(cfg.optim.lr),
+            "train_time_s": prev + float(res["train_time_s"]), "checkpoint": res["checkpoint"], "quantizer": qcfg,
+            "final_log": {k: v for k, v in res.items() if isinstance(v, (int, float))}}
+    done.write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _train_with_time_log(train, cfg, resume, run_dir: Path, prev: float, args):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    try:
+        return train(cfg, resume=resume, progress=not args.quiet)
+    finally:  # an interrupted training keeps the time it spent (checkpoints hold the rest)
+        (run_dir / "train_time_partial.json").write_text(json.dumps({"train_time_s": prev + time.time() - t0}))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class ModelEval:
+    """One trained model on the held-out photos: encodes once, scores any bottleneck on top."""
+
+    def __init__(self, scale: str, qcfg: dict, ckpt: str, seed: int, data_root: str | None):
+        from gq_plugin.models import build_model
+        from gq_plugin.train import build_datasets
+
+        cfg = _load_config(recipe(scale, qcfg, seed, Path(ckpt).parent, data_root))
+        cfg.model.pretrained = str(Path(ckpt) / "vae")
+        self.cfg = cfg
+        self.vae, self.wrapper = build_model(cfg)
+        self.vae.eval()
+        self.wrapper.eval()
+        ds = build_datasets(cfg.data, "eval")
+        n = min(len(ds), int(cfg.eval.max_images))
+        if n == 0:
+            raise SystemExit("the eval split is empty: fetch photos first (python -m gq_plugin.data fetch --set small)")
+        xs = torch.stack([ds[i] for i in range(n)])
+        self.n_photos = ds.n_photos
+        self.batches = []
+        with torch.no_grad():
+            for i in range(0, n, int(cfg.eval.batch_size)):
+                x = xs[i : i + int(cfg.eval.batch_size)]
+                post = self.vae.encode(x).latent_dist
+                self.batches.append((x, post.mean.float(), post.logvar.float()))
+        from gq_plugin.models import pixels_per_token
+
+        self.ppt = pixels_per_token(self.vae)
+        self.C = int(self.vae.config.latent_channels)
+
+    def _suite(self, light: bool):
+        from gq_plugin.metrics import MetricSuite
+
+        return MetricSuite(lpips_nets=("alex",), distribution=bool(self.cfg.eval.distribution) and not light)
+
+    @torch.no_grad()
+    def score(self, spec: dict) -> dict:
+        from gq_plugin import GaussianQuantizer
+        from gq_plugin.metrics.codebook import codebook_stats
+
+        kind = spec["kind"]
+        suite = self._suite(spec.get("light", False))
+        idx_all, rates_all, info = [], [], {}
+        q = None
+        if kind == "gq":
+            q = GaussianQuantizer(self.C, int(spec["K"]), int(spec["m"]), accept_image_fmap=True, beta=float(spec["beta"]))
+            K, info["bpp"] = q.codebook_size, (self.C // q.codebook_dim) * math.log2(q.codebook_size) / self.ppt
+        elif kind == "tokenbridge":
+            from gq_plugin.registry import build_quantizer
+
+            # TokenBridge normalises the latent to unit variance (its 0.2325 for MAR's VAE): the std of
+            # the posterior means on these images; [quant_min, quant_max] = [-3, 3] then puts the bins
+            # at the N(0, 1) quantiles of the normalised latent (see RESULTS.md)
+            std = float(torch.cat([b[1].reshape(-1) for b in self.batches]).std())
+            q = build_quantizer("tokenbridge", self.C, bits=int(spec["bits"]), scale=1.0 / max(std, 1e-6), quant_min=-3.0, quant_max=3.0)
+            K, info["bpp"], info["tokenbridge_scale"] = q.codebook_size, q.bits_per_token / self.ppt, 1.0 / max(std, 1e-6)
+        elif kind == "baseline":
+            q = self.wrapper.quantizer
+            K, info["bpp"] = int(q.codebook_size), float(q.bits_per_token) / self.ppt
+        t0 = time.time()
+        for x, mean, logvar in self.batches:
+            if kind == "continuous":
+                z = mean
+            elif kind == "gq":
+                z, idx = q.quantize(mean, logvar)
+                idx_all.append(idx.reshape(-1))
+            else:
+                z, idx, _ = q(mean)
+                idx_all.append(idx.reshape(-1))
+            rec = self.vae.decode(z).sample.clamp(-1, 1)
+            suite.update(x, rec)
+        res = suite.compute()
+        res = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in res.items()}
+        if idx_all:
+            info["codebook"] = codebook_stats(torch.cat(idx_all), K)
+            info["codebook_size"] = K
+        if kind in ("gq", "continuous") and hasattr(self.vae, "gq_quantizer"):
+            gq = self.vae.gq_quantizer
+            rq = GaussianQuantizer(self.C, gq.codebook_size, int(spec.get("m", gq.codebook_dim)), accept_image_fmap=True)
+            r = torch.cat([rq.rates(m, lv).reshape(-1) for _, m, lv in self.batches])
+            info["rates"] = {"mean": float(r.mean()), "min": float(r.min()), "max": float(r.max()), "std": float(r.std()),
+                             "p01": float(r.quantile(0.01)), "p99": float(r.quantile(0.99)), "m": rq.codebook_dim}
+        info["eval_time_s"] = time.time() - t0
+        info["n_images"], info["n_photos"] = res.pop("n_images"), self.n_photos
+        return {"metrics": res, **info}
+
+    def group_rates(self) -> torch.Tensor:
+        from gq_plugin import GaussianQuantizer
+
+        gq = self.vae.gq_quantizer
+        rq = GaussianQuantizer(self.C, gq.codebook_size, gq.codebook_dim, accept_image_fmap=True)
+        return torch.cat([rq.rates(m, lv).reshape(-1) for _, m, lv in self.batches])
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} CPUs visible, torch.get_num_threads()={torch.get_num_threads()}, {gpu}, torch {torch.__version__}"
+
+
+def run(args) -> int:
+    trains, rows = plan(args.scale)
+    selected = select_rows(rows, args.only)
+    seeds = list(range(args.seeds))
+    out = Path(args.out)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[paper {time.strftime('%H:%M:%S')}] {msg}", flush=True))
+    if args.estimate:
+        return estimate(args, trains, rows, selected, seeds)
+    t_start = time.time()
+    by_train: dict[str, list[str]] = {}
+    for r in selected:
+        by_train.setdefault(rows[r]["train"], []).append(r)
+    for tname, rnames in by_train.items():
+        for seed in seeds:
+            todo = [r for r in rnames if not (out / "results" / r / f"seed{seed}.json").is_file()]
+            rates_file = out / "results" / "_rates" / f"{tname}-seed{seed}.pt"
+            need_rates = trains[tname]["name"] == "gq" and not rates_file.is_file()
+            if not todo and not need_rates:
+                continue
+            tinfo = ensure_trained(tname, trains[tname], seed, args, log)
+            me = ModelEval(args.scale, trains[tname], tinfo["checkpoint"], seed, args.data_root)
+            if need_rates:
+                rates_file.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(me.group_rates(), rates_file)
+            for r in todo:
+                log(f"eval {r} seed {seed}")
+                res = me.score(rows[r])
+                res.update({"row": r, "seed": seed, "scale": args.scale, "label": rows[r]["label"], "group": rows[r]["group"],
+                            "train": tname, "train_time_s": tinfo["train_time_s"], "steps": tinfo["steps"], "lr": tinfo["lr"],
+                            "batch_size": tinfo["batch_size"], "spec": rows[r], "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+                p = out / "results" / r / f"seed{seed}.json"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_text(json.dumps(res, indent=2, default=float))
+    from report import write_report  # noqa: E402 (benchmarks/paper/report.py)
+
+    cmd = "python benchmarks/paper/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    path = write_report(out, args.scale, rows, seeds, cmd, machine(), SCALES[args.scale], PAPER, PAPER_RATES, PAPER_ROW,
+                        elapsed=time.time() - t_start)
+    log(f"wrote {path}")
+    return 0
+
+
+def estimate(args, trains, rows, selected, seeds) -> int:
+    """Time ``--estimate-steps`` optimizer steps of each needed training; project the total."""
+    from gq_plugin.losses import ReconstructionLoss
+    from gq_plugin.models import build_model
+    from gq_plugin.train import build_datasets
+
+    need = sorted({rows[r]["train"] for r in selected}, key=list(trains).index)
+    s = SCALES[args.scale]
+    total, lines = 0.0, []
+    for t in need:
+        cfg = _load_config(recipe(args.scale, trains[t], 0, Path("/tmp/unused"), args.data_root))
+        vae, w = build_model(cfg)
+        w.train()
+        lf = ReconstructionLoss(l1=1.0, lpips=s["lpips"])
+        opt = torch.optim.Adam([p for p in w.parameters() if p.requires_grad], lr=s["lr"])
+        ds = build_datasets(cfg.data, "train")
+        x = torch.stack([ds[i] for i in range(s["batch"])])
+        times = []
+        for i in range(args.estimate_steps + 1):
+            t0, c0 = time.time(), time.process_time()
+            o = w(x)
+            rec, _ = lf.generator_loss(x, o.sample, 0, vae.decoder.conv_out.weight)
+            (rec + o.loss).backward()
+            opt.step()
+            opt.zero_grad()
+            if i:  # the first step warms up (k-means init, LPIPS load)
+                times.append((time.time() - t0, (time.process_time() - c0) / max(1, torch.get_num_threads())))
+        wall = sum(a for a, _ in times) / len(times)
+        cpu = sum(b for _, b in times) / len(times)
+        proj = cpu * s["steps"] * len(seeds)
+        total += proj
+        lines.append(f"{t:12s} wall {wall:6.2f} s/step  cpu/threads {cpu:6.2f} s/step  -> {s['steps']} steps x {len(seeds)} seeds ~ {proj / 60:6.1f} min")
+    print("\n".join(lines))
+    print(f"training total (uncontended projection from CPU time / threads): {total / 60:.1f} min; evaluation adds "
+          f"~{len(selected) * len(seeds)} row evaluations of {s['eval_images']} images")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scale", choices=sorted(SCALES), default="tiny")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per trained row (default: 2 at tiny/full, 1 at smoke)")
+    p.add_argument("--only", default=None, help="comma-separated rows or groups (main, ksweep, msweep, alpha, beta)")
+    p.add_argument("--out", default=str(HERE), help="output folder (results/, runs/, RESULTS.md, plots)")
+    p.add_argument("--data-root", default=None, help="photo folder / manifest (default: the gq_plugin photo cache)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--estimate", action="store_true", help="time a few steps of each training and print the projected total")
+    p.add_argument("--estimate-steps", type=int, default=3)
+    p.add_argument("--report-only", action="store_true", help="only regenerate RESULTS.md and the plots from finished results")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = SCALES[args.scale]["seeds"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(HERE))
+    if args.report_only:
+        from report import write_report
+
+        _, rows = plan(args.scale)
+        cmd = "python benchmarks/paper/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        print(write_report(Path(args.out), args.scale, rows, list(range(args.seeds)), cmd, machine(), SCALES[args.scale], PAPER,
+                           PAPER_RATES, PAPER_ROW))
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

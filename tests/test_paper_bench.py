@@ -1,0 +1,54 @@
+"""benchmarks/paper/run.py --scale smoke: a few rows end to end into a tmp dir (real trainings and evaluations)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("accelerate")
+pytest.importorskip("vector_quantize_pytorch")
+
+REPO = Path(__file__).resolve().parent.parent
+RUN = REPO / "benchmarks" / "paper" / "run.py"
+
+
+def _photos_available() -> bool:
+    from gq_plugin.data import PhotoDataset
+
+    try:
+        return PhotoDataset(None, split="eval", size=32, eval_fraction=0.15).n_photos > 0
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+@pytest.mark.skipif(not _photos_available(), reason="needs fetched photos: python -m gq_plugin.data fetch --set small")
+def test_smoke_rows_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "paper"
+    cmd = [sys.executable, str(RUN), "--scale", "smoke", "--only", "tdc+gq,fsq,tdc+gq-beta0", "--out", str(out), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = {r: json.loads((out / "results" / r / "seed0.json").read_text()) for r in ("tdc+gq", "fsq", "tdc+gq-beta0")}
+    for r, d in res.items():
+        m = d["metrics"]
+        assert math.isfinite(m["PSNR"]) and 0 < m["SSIM"] <= 1 and m["LPIPS-alex"] > 0, r
+        assert d["bpp"] == pytest.approx(1.0, abs=0.01)  # 16 bits per 4x4 pixels (FSQ: log2 64000)
+        assert 0 < d["codebook"]["usage"] <= 1 and d["train_time_s"] > 0 and d["steps"] == 3
+    assert res["tdc+gq"]["codebook_size"] == 2**16 and res["fsq"]["codebook_size"] == 8 * 8 * 8 * 5 * 5 * 5
+    assert res["tdc+gq"]["rates"]["m"] == 8 and res["tdc+gq"]["spec"]["beta"] == 1.0 and res["tdc+gq-beta0"]["spec"]["beta"] == 0.0
+    # the two GQ rows share one trained model; beta changes the decoding
+    assert res["tdc+gq"]["train_time_s"] == res["tdc+gq-beta0"]["train_time_s"]
+    text = (out / "RESULTS.md").read_text()
+    assert f"{res['tdc+gq']['metrics']['PSNR']:.2f}" in text and f"{res['fsq']['metrics']['PSNR']:.2f}" in text
+    assert "*not run yet*" in text and "`vq`" in text  # unselected rows are marked
+    assert "27.61" in text and "FD-EffNetLite0" in text and "FID" not in text.replace("rFID", "").replace("**not FID**", "")
+    assert "Paper: GQ (TDC + GQ) beats `fsq` on PSNR: **" in text
+    assert (out / "rates_vanilla_vs_tdc.png").stat().st_size > 1000
+    # a rerun skips finished (row, seed) files and trains nothing
+    before = {p: p.stat().st_mtime_ns for p in (out / "results").rglob("seed0.json")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in (out / "results").rglob("seed0.json")} == before
