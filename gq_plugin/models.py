@@ -137,11 +137,34 @@ def build_model(cfg) -> tuple[nn.Module, nn.Module]:
     else:
         from .registry import build_quantizer
 
-        kwargs = {k: v for k, v in qcfg.items() if k not in ("name", "weight", "aux_weight")}
+        # GQ/TDC-only recipe keys (always present through the config defaults) are not baseline
+        # arguments; ``codebook_dim`` is GQ's m (VQ's codebook_dim is a projection, not passed)
+        kwargs = {k: v for k, v in qcfg.items() if k not in ("name", "weight", "aux_weight", "codebook_dim", *_GQ_ONLY_KEYS)}
         quantizer = build_quantizer(name, latent_channels(vae), **kwargs)
+        qstate = _quantizer_state_path(model_cfg)
+        if qstate is not None:  # trained baseline codebook / projections saved next to vae/
+            quantizer.load_state_dict(torch.load(qstate, map_location="cpu"))
         wrapper = QuantizedAutoencoderWrapper(vae, quantizer, aux_weight=float(qcfg.get("aux_weight", 1.0)))
     _freeze(vae, train_encoder=model_cfg.get("train_encoder", True), train_decoder=model_cfg.get("train_decoder", True))
     return vae, wrapper
+
+
+_GQ_ONLY_KEYS = ("grouping", "codebook", "seed", "beta", "tolerance", "lam_factor", "lam_max_range", "lam_min_range",
+                 "lam_global_range", "search_backend")
+QUANTIZER_STATE = "quantizer.pt"
+
+
+def _quantizer_state_path(model_cfg: dict):
+    """``<checkpoint>/quantizer.pt`` for a ``pretrained`` ``<checkpoint>/vae`` dir, if present."""
+    pretrained = model_cfg.get("pretrained")
+    if not pretrained:
+        return None
+    from pathlib import Path
+
+    for cand in (Path(pretrained) / QUANTIZER_STATE, Path(pretrained).parent / QUANTIZER_STATE):
+        if cand.is_file():
+            return cand
+    return None
 
 
 def _freeze(vae, train_encoder: bool, train_decoder: bool) -> None:

@@ -243,6 +243,11 @@ def save_checkpoint(acc, wrapper, opt, disc, opt_d, step: int, path: Path) -> Pa
             "rng": torch.get_rng_state(),
         }
         torch.save(state, path / "training_state.pt")
+        from .models import QUANTIZER_STATE, QuantizedAutoencoderWrapper
+
+        unwrapped = acc.unwrap_model(wrapper)
+        if isinstance(unwrapped, QuantizedAutoencoderWrapper):  # baseline codebook / projections live outside the VAE
+            torch.save(unwrapped.quantizer.state_dict(), path / QUANTIZER_STATE)
     acc.wait_for_everyone()
     return path
 
