@@ -1,4 +1,5 @@
 """RESULTS.md + plots for benchmarks/paper/run.py, generated only from the finished result files."""
+# ruff: noqa: ISC004  (prose built from implicitly concatenated f-strings in lists)
 
 from __future__ import annotations
 
@@ -194,8 +195,8 @@ def write_report(out: Path, scale: str, rows: dict, seeds: list[int], cmd: str, 
           "per-group control. vanilla vs TDC therefore isolates TDC's per-group equalisation.",
           "* **Vanilla + GQ** is the converted vanilla model (no GQ-specific training); **TokenBridge** is applied post-training to the "
           "vanilla and to the TDC VAE, as TokenBridge does: per-channel, 2^bits Gaussian-quantile bins of the posterior mean. "
-          "TokenBridge normalises its latent to unit variance (0.2325 for MAR's VAE); we use 1/std of the posterior means on the "
-          "eval crops and map [-3, 3] onto the table's [-3, 3] std range, so the bins are N(0, 1) quantiles of the normalised "
+          "TokenBridge normalises its latent to unit variance (0.2325 for MAR's VAE); we use 1/std of the posterior means on 128 "
+          "training crops and map [-3, 3] onto the table's [-3, 3] std range, so the bins are N(0, 1) quantiles of the normalised "
           "latent (TokenBridge's literal [-5, 5] -> [-3, 3] map puts them at 5/3 std, which only hurts at 2 bits).",
           "* **Baselines** use vector-quantize-pytorch through `gq_plugin.registry` with library defaults, the same LR, steps and "
           "batch as GQ. No per-method LR search was done (one shared LR: the tiny_cpu recipe's 1e-3 at tiny scale); a fair LR search "
@@ -204,8 +205,8 @@ def write_report(out: Path, scale: str, rows: dict, seeds: list[int], cmd: str, 
           "(vector-quantize-pytorch's `frac_per_sample_entropy`, an unbiased subsample; 1.0 = library default) because the full "
           "entropy over 2^16 codes costs ~10 s per step on 2 CPU cores." if s["entropy_frac"] < 1 else
           "* LFQ / BSQ: full entropy loss (library default).",
-          "* Caveat: trained from scratch for a few hundred steps on a few hundred photos; the paper fine-tunes SD3-sized models on "
-          "ImageNet for ~30 epochs. Numbers are not comparable in absolute terms; only the orderings are.", ""]
+          f"* Caveat: trained from random initialisation for {s['steps']} steps on the photo cache; the paper fine-tunes SD3-sized "
+          "models on ImageNet for ~30 epochs. Numbers are not comparable in absolute terms; only the orderings are.", ""]
     main_rows = [r for r, sp in rows.items() if sp["group"] == "main"]
     L += ["## Main table", ""] + table(main_rows, rows, res, n) + [""]
     # paper numbers
@@ -231,7 +232,9 @@ def write_report(out: Path, scale: str, rows: dict, seeds: list[int], cmd: str, 
         runs = [r for r in res.get(f"{t}+gq", []) or res.get(t, []) if r.get("rates")]
         pr = paper_rates[t]
         if runs:
-            g = lambda k: info(runs, "rates", k)  # noqa: E731
+            def g(k, runs=runs):
+                return info(runs, "rates", k)
+
             L.append(f"| {t} (m={runs[0]['rates']['m']}) | {fmt(g('mean'), 2, n)} | {fmt(g('min'), 2, n)} | {fmt(g('max'), 2, n)} | "
                      f"{g('p01')[0]:.2f}–{g('p99')[0]:.2f} | {pr[0]}–{pr[1]} |")
         else:

@@ -27,6 +27,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -43,11 +44,11 @@ _BLOCKS = {
 }
 
 
-def _model(channels, latent, layers, groups, size):
+def _model(channels, latent, layers, groups, size, attention=False):
     down, up = _BLOCKS[len(channels)]
     return {"in_channels": 3, "out_channels": 3, "down_block_types": down, "up_block_types": up, "block_out_channels": list(channels),
             "layers_per_block": layers, "latent_channels": latent, "norm_num_groups": groups, "sample_size": size,
-            "mid_block_add_attention": False, "use_quant_conv": False, "use_post_quant_conv": False}
+            "mid_block_add_attention": attention, "use_quant_conv": False, "use_post_quant_conv": False}
 
 
 SCALES = {
@@ -60,7 +61,7 @@ SCALES = {
              "eval_images": 192, "eval_crops": 4, "eval_batch": 32, "distribution": True, "seeds": 2, "ckpt_every": 50,
              "entropy_frac": 0.25, "ksweep": [12, 13, 14, 15, 16, 17, 18], "msweep": [2, 4, 8], "alphas": [0.25, 0.5, 1.0]},
     # SD3-VAE-sized backbone: f8, 16 latent channels, 256x256 -> 16 bits / 64 px = 0.25 bpp (the paper's headline)
-    "full": {"model": _model([128, 256, 512, 512], 16, 2, 32, 256), "size": 256, "resize": None, "steps": 50000, "batch": 16, "lr": 1e-4,
+    "full": {"model": _model([128, 256, 512, 512], 16, 2, 32, 256, attention=True), "size": 256, "resize": None, "steps": 50000, "batch": 16, "lr": 1e-4,
              "lpips": 1.0, "eval_images": 5000, "eval_crops": 1, "eval_batch": 16, "distribution": True, "seeds": 2, "ckpt_every": 2500,
              "entropy_frac": 1.0, "ksweep": [12, 13, 14, 15, 16, 17, 18], "msweep": [4, 8, 16], "alphas": [0.25, 0.5, 1.0]},
 }
@@ -217,8 +218,9 @@ class ModelEval:
         cfg.model.pretrained = str(Path(ckpt) / "vae")
         self.cfg = cfg
         self.vae, self.wrapper = build_model(cfg)
-        self.vae.eval()
-        self.wrapper.eval()
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.vae.to(self.device).eval()
+        self.wrapper.to(self.device).eval()
         ds = build_datasets(cfg.data, "eval")
         n = min(len(ds), int(cfg.eval.max_images))
         if n == 0:
@@ -229,17 +231,24 @@ class ModelEval:
         with torch.no_grad():
             for i in range(0, n, int(cfg.eval.batch_size)):
                 x = xs[i : i + int(cfg.eval.batch_size)]
-                post = self.vae.encode(x).latent_dist
-                self.batches.append((x, post.mean.float(), post.logvar.float()))
+                post = self.vae.encode(x.to(self.device)).latent_dist
+                self.batches.append((x, post.mean.float().cpu(), post.logvar.float().cpu()))
         from gq_plugin.models import pixels_per_token
 
         self.ppt = pixels_per_token(self.vae)
         self.C = int(self.vae.config.latent_channels)
 
+    _suites: ClassVar[dict] = {}  # shared across models: LPIPS / EfficientNet weights load once per process
+
     def _suite(self, light: bool):
         from gq_plugin.metrics import MetricSuite
 
-        return MetricSuite(lpips_nets=("alex",), distribution=bool(self.cfg.eval.distribution) and not light)
+        key = (bool(self.cfg.eval.distribution) and not light, str(self.device))
+        if key not in ModelEval._suites:
+            ModelEval._suites[key] = MetricSuite(lpips_nets=("alex",), distribution=key[0], device=self.device)
+        suite = ModelEval._suites[key]
+        suite.reset()
+        return suite
 
     @torch.no_grad()
     def score(self, spec: dict) -> dict:
@@ -248,7 +257,7 @@ class ModelEval:
 
         kind = spec["kind"]
         suite = self._suite(spec.get("light", False))
-        idx_all, rates_all, info = [], [], {}
+        idx_all, info = [], {}
         q = None
         if kind == "gq":
             q = GaussianQuantizer(self.C, int(spec["K"]), int(spec["m"]), accept_image_fmap=True, beta=float(spec["beta"]))
@@ -259,22 +268,25 @@ class ModelEval:
             # TokenBridge normalises the latent to unit variance (its 0.2325 for MAR's VAE): the std of
             # the posterior means on these images; [quant_min, quant_max] = [-3, 3] then puts the bins
             # at the N(0, 1) quantiles of the normalised latent (see RESULTS.md)
-            std = float(torch.cat([b[1].reshape(-1) for b in self.batches]).std())
+            std = self.train_latent_std()
             q = build_quantizer("tokenbridge", self.C, bits=int(spec["bits"]), scale=1.0 / max(std, 1e-6), quant_min=-3.0, quant_max=3.0)
             K, info["bpp"], info["tokenbridge_scale"] = q.codebook_size, q.bits_per_token / self.ppt, 1.0 / max(std, 1e-6)
         elif kind == "baseline":
             q = self.wrapper.quantizer
             K, info["bpp"] = int(q.codebook_size), float(q.bits_per_token) / self.ppt
+        if q is not None:
+            q.to(self.device)
         t0 = time.time()
         for x, mean, logvar in self.batches:
+            x, mean, logvar = x.to(self.device), mean.to(self.device), logvar.to(self.device)
             if kind == "continuous":
                 z = mean
             elif kind == "gq":
                 z, idx = q.quantize(mean, logvar)
-                idx_all.append(idx.reshape(-1))
+                idx_all.append(idx.reshape(-1).cpu())
             else:
                 z, idx, _ = q(mean)
-                idx_all.append(idx.reshape(-1))
+                idx_all.append(idx.reshape(-1).cpu())
             rec = self.vae.decode(z).sample.clamp(-1, 1)
             suite.update(x, rec)
         res = suite.compute()
@@ -291,6 +303,22 @@ class ModelEval:
         info["eval_time_s"] = time.time() - t0
         info["n_images"], info["n_photos"] = res.pop("n_images"), self.n_photos
         return {"metrics": res, **info}
+
+    @torch.no_grad()
+    def train_latent_std(self, n: int = 128) -> float:
+        """Std of the posterior means on ``n`` training crops (TokenBridge's latent normalisation)."""
+        if getattr(self, "_std", None) is None:
+            from gq_plugin.train import build_datasets
+
+            ds = build_datasets(self.cfg.data, "train")
+            g = torch.random.get_rng_state()
+            torch.manual_seed(0)  # fixed random crops
+            xs = torch.stack([ds[i] for i in range(min(n, len(ds)))])
+            torch.random.set_rng_state(g)
+            bs = int(self.cfg.eval.batch_size)
+            mus = [self.vae.encode(xs[i : i + bs].to(self.device)).latent_dist.mean.float().cpu() for i in range(0, len(xs), bs)]
+            self._std = float(torch.cat(mus).std())
+        return self._std
 
     def group_rates(self) -> torch.Tensor:
         from gq_plugin import GaussianQuantizer
@@ -350,7 +378,9 @@ def run(args) -> int:
                 p = out / "results" / r / f"seed{seed}.json"
                 p.parent.mkdir(parents=True, exist_ok=True)
                 p.write_text(json.dumps(res, indent=2, default=float))
-    from report import write_report  # noqa: E402 (benchmarks/paper/report.py)
+    from report import (
+        write_report,  # benchmarks/paper/report.py (on sys.path, see main())
+    )
 
     cmd = "python benchmarks/paper/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     path = write_report(out, args.scale, rows, seeds, cmd, machine(), SCALES[args.scale], PAPER, PAPER_RATES, PAPER_ROW,
