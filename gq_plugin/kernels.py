@@ -35,13 +35,13 @@ import torch
 from . import search
 
 __all__ = [
-    "source_dir",
-    "load_cpu",
-    "load_cuda",
-    "cpu_available",
-    "cuda_available",
     "argmax_ip_cpu",
     "argmax_ip_cuda",
+    "cpu_available",
+    "cuda_available",
+    "load_cpu",
+    "load_cuda",
+    "source_dir",
 ]
 
 CPU_SOURCES = ("gq_search_cpu.cpp",)
