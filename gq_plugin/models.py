@@ -14,6 +14,7 @@ decode through ``forward`` so DistributedDataParallel synchronises every gradien
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any, NamedTuple
@@ -49,12 +50,14 @@ def build_autoencoder_kl(model_cfg: dict) -> nn.Module:
     if pretrained:
         if not os.path.isdir(pretrained):
             raise ValueError(f"model.pretrained must be a local directory written by save_pretrained, got {pretrained!r}")
-        from .adapters.diffusers_vae import gq_config, load_pretrained_gq_vae
+        from .adapters.diffusers_vae import CONFIG_KEY, load_pretrained_gq_vae
 
-        vae = AutoencoderKL.from_pretrained(pretrained, subfolder=model_cfg.get("subfolder"))
-        if gq_config(vae) is not None:  # a GQ checkpoint: restore quantizer + TDC state
-            vae = load_pretrained_gq_vae(pretrained, subfolder=model_cfg.get("subfolder"))
-        return vae
+        subfolder = model_cfg.get("subfolder")
+        config_file = os.path.join(pretrained, subfolder or "", "config.json")
+        is_gq = os.path.isfile(config_file) and CONFIG_KEY in json.loads(open(config_file).read())
+        if is_gq:  # a GQ checkpoint: restore quantizer + TDC state
+            return load_pretrained_gq_vae(pretrained, subfolder=subfolder)
+        return AutoencoderKL.from_pretrained(pretrained, subfolder=subfolder)
     config = dict(model_cfg.get("config") or {})
     if not config:
         raise ValueError("model.config (AutoencoderKL constructor arguments) or model.pretrained is required")
