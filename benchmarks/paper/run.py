@@ -57,8 +57,8 @@ SCALES = {
               "eval_images": 16, "eval_crops": 1, "eval_batch": 16, "distribution": False, "seeds": 1, "ckpt_every": 0,
               "entropy_frac": 0.25, "ksweep": [12, 14, 16], "msweep": [2, 4, 8], "alphas": [0.25, 0.5, 1.0]},
     # tiny_cpu backbone (recipes/tiny_cpu.yaml): f4, 8 latent channels, 64x64 crops of 128-px photos
-    "tiny": {"model": _model([32, 32, 64], 8, 1, 32, 64), "size": 64, "resize": 128, "steps": 200, "batch": 8, "lr": 1e-3, "lpips": 0.2,
-             "eval_images": 192, "eval_crops": 4, "eval_batch": 32, "distribution": True, "seeds": 2, "ckpt_every": 50,
+    "tiny": {"model": _model([32, 32, 64], 8, 1, 32, 64), "size": 64, "resize": 128, "steps": 300, "batch": 8, "lr": 1e-3, "lpips": 0.2,
+             "eval_images": 192, "eval_crops": 4, "eval_batch": 32, "distribution": True, "seeds": 2, "ckpt_every": 100,
              "entropy_frac": 0.25, "ksweep": [12, 13, 14, 15, 16, 17, 18], "msweep": [2, 4, 8], "alphas": [0.25, 0.5, 1.0]},
     # SD3-VAE-sized backbone: f8, 16 latent channels, 256x256 -> 16 bits / 64 px = 0.25 bpp (the paper's headline)
     "full": {"model": _model([128, 256, 512, 512], 16, 2, 32, 256, attention=True), "size": 256, "resize": None, "steps": 50000, "batch": 16, "lr": 1e-4,
@@ -207,6 +207,29 @@ def _train_with_time_log(train, cfg, resume, run_dir: Path, prev: float, args):
 # --------------------------------------------------------------------------- evaluation
 
 
+class _MemoFeatures:
+    """Feature extractor cache keyed by the exact bytes of a batch (originals repeat across rows)."""
+
+    _cache: ClassVar[dict] = {}
+
+    def __init__(self, fe):
+        self.fe = fe
+
+    @classmethod
+    def wrap(cls, fe):
+        return None if fe is None else cls(fe)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import hashlib
+
+        key = hashlib.blake2b(x.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+        if key not in self._cache:
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            self._cache[key] = self.fe(x)
+        return self._cache[key]
+
+
 class ModelEval:
     """One trained model on the held-out photos: encodes once, scores any bottleneck on top."""
 
@@ -245,7 +268,10 @@ class ModelEval:
 
         key = (bool(self.cfg.eval.distribution) and not light, str(self.device))
         if key not in ModelEval._suites:
-            ModelEval._suites[key] = MetricSuite(lpips_nets=("alex",), distribution=key[0], device=self.device)
+            suite = MetricSuite(lpips_nets=("alex",), distribution=key[0], device=self.device)
+            orig = suite._features  # memoise EffNet features by batch content: the originals are the
+            suite._features = lambda device, _orig=orig: _MemoFeatures.wrap(_orig(device))  # same for every row
+            ModelEval._suites[key] = suite
         suite = ModelEval._suites[key]
         suite.reset()
         return suite
@@ -434,6 +460,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None, help="comma-separated rows or groups (main, ksweep, msweep, alpha, beta)")
     p.add_argument("--out", default=str(HERE), help="output folder (results/, runs/, RESULTS.md, plots)")
     p.add_argument("--data-root", default=None, help="photo folder / manifest (default: the gq_plugin photo cache)")
+    p.add_argument("--steps", type=int, default=None, help="override the scale's training steps (all rows alike)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--estimate", action="store_true", help="time a few steps of each training and print the projected total")
     p.add_argument("--estimate-steps", type=int, default=3)
@@ -442,6 +469,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.seeds is None:
         args.seeds = SCALES[args.scale]["seeds"]
+    if args.steps:
+        SCALES[args.scale]["steps"] = int(args.steps)
+        SCALES[args.scale]["ckpt_every"] = min(SCALES[args.scale]["ckpt_every"], max(1, args.steps // 2)) or 0
     if args.threads:
         torch.set_num_threads(args.threads)
     sys.path.insert(0, str(HERE))
