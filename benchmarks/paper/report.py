@@ -192,6 +192,7 @@ def write_report(out: Path, scale: str, rows: dict, seeds: list[int], cmd: str, 
           "features (not Inception, **not FID**; FD at a few hundred images is strongly biased upwards, compare rows only with each "
           "other). Codebook usage = fraction of the K codes hit on the eval set (GQ: all groups pooled).", ""]
     L += ["### Fairness choices", "",
+          f"* TDC multipliers move by a factor {s.get('lam_factor', 1.01):g} per optimizer step (vanilla and TDC alike).",
           "* **Vanilla VAE**: the same rate term as TDC with `lam_max_range = lam_min_range = [1, 1]`: only the global multiplier "
           "adapts, i.e. a KL weight that steers the *mean* group rate to log2 K (a KL weight tuned to the same mean rate) with no "
           "per-group control. vanilla vs TDC therefore isolates TDC's per-group equalisation.",

@@ -55,15 +55,15 @@ SCALES = {
     # micro model for the test: f4, 8 latent channels, 32x32 crops, a handful of steps
     "smoke": {"model": _model([8, 8, 16], 8, 1, 4, 32), "size": 32, "resize": 64, "steps": 3, "batch": 4, "lr": 1e-3, "lpips": 0.2,
               "eval_images": 16, "eval_crops": 1, "eval_batch": 16, "distribution": False, "seeds": 1, "ckpt_every": 0,
-              "entropy_frac": 0.25, "ksweep": [12, 14, 16], "msweep": [2, 4, 8], "alphas": [0.25, 0.5, 1.0]},
+              "entropy_frac": 0.25, "lam_factor": 1.03, "ksweep": [12, 14, 16], "msweep": [2, 4, 8], "alphas": [0.25, 0.5, 1.0]},
     # tiny_cpu backbone (recipes/tiny_cpu.yaml): f4, 8 latent channels, 64x64 crops of 128-px photos
     "tiny": {"model": _model([32, 32, 64], 8, 1, 32, 64), "size": 64, "resize": 128, "steps": 300, "batch": 8, "lr": 1e-3, "lpips": 0.2,
              "eval_images": 192, "eval_crops": 4, "eval_batch": 32, "distribution": True, "seeds": 2, "ckpt_every": 100,
-             "entropy_frac": 0.25, "ksweep": [12, 13, 14, 15, 16, 17, 18], "msweep": [2, 4, 8], "alphas": [0.25, 0.5, 1.0]},
+             "entropy_frac": 0.25, "lam_factor": 1.03, "ksweep": [12, 13, 14, 15, 16, 17, 18], "msweep": [2, 4, 8], "alphas": [0.25, 0.5, 1.0]},
     # SD3-VAE-sized backbone: f8, 16 latent channels, 256x256 -> 16 bits / 64 px = 0.25 bpp (the paper's headline)
     "full": {"model": _model([128, 256, 512, 512], 16, 2, 32, 256, attention=True), "size": 256, "resize": None, "steps": 50000, "batch": 16, "lr": 1e-4,
              "lpips": 1.0, "eval_images": 5000, "eval_crops": 1, "eval_batch": 16, "distribution": True, "seeds": 2, "ckpt_every": 2500,
-             "entropy_frac": 1.0, "ksweep": [12, 13, 14, 15, 16, 17, 18], "msweep": [4, 8, 16], "alphas": [0.25, 0.5, 1.0]},
+             "entropy_frac": 1.0, "lam_factor": 1.01, "ksweep": [12, 13, 14, 15, 16, 17, 18], "msweep": [4, 8, 16], "alphas": [0.25, 0.5, 1.0]},
 }
 
 # the paper's numbers (reference.md §12.1: ImageNet 256^2 reconstruction, UNet; bpp 0.25 / 0.5 / 1.0)
@@ -85,7 +85,8 @@ def plan(scale: str) -> tuple[dict, dict]:
     s = SCALES[scale]
     C = s["model"]["latent_channels"]
     K = 2**BITS_PER_TOKEN
-    gq = {"name": "gq", "codebook_size": K, "codebook_dim": C}
+    # TDC multipliers move by lam_factor per step (1.03 for few-hundred-step runs, as recipes/tiny_cpu.yaml)
+    gq = {"name": "gq", "codebook_size": K, "codebook_dim": C, "lam_factor": s["lam_factor"]}
     trains = {
         # vanilla Gaussian VAE: the same rate term with only the global multiplier (a KL weight that
         # adapts so the MEAN group rate sits at log2 K); lam_max = lam_min = 1: no per-group control
@@ -119,7 +120,7 @@ def plan(scale: str) -> tuple[dict, dict]:
         if m == C:
             continue
         bits = BITS_PER_TOKEN * m // C
-        trains[f"tdc-m{m}"] = {"name": "gq", "codebook_size": 2**bits, "codebook_dim": m}
+        trains[f"tdc-m{m}"] = {"name": "gq", "codebook_size": 2**bits, "codebook_dim": m, "lam_factor": s["lam_factor"]}
         rows[f"tdc-m{m}+gq"] = {"group": "msweep", "train": f"tdc-m{m}", "kind": "gq", "K": 2**bits, "m": m, "beta": 1.0,
                                 "label": f"TDC + GQ, m={m}, K=2^{bits}"}
     for a in s["alphas"]:
