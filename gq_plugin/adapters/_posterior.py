@@ -30,7 +30,11 @@ import torch
 
 
 class GQPosteriorMixin:
-    """GQ/TDC behaviour for a diagonal-Gaussian posterior with ``mean``/``logvar`` on dim 1."""
+    """GQ/TDC behaviour for a diagonal-Gaussian posterior with ``mean``/``logvar`` on dim 1.
+
+    Host classes provide the plain-Gaussian fallbacks ``_gaussian_sample(generator)`` (used in
+    training) and ``_gaussian_kl(other)`` (used for ``kl(other)`` against another posterior).
+    """
 
     quantizer = None  # set by _gq_init
 
@@ -98,13 +102,6 @@ class GQPosteriorMixin:
         if self._kl_cache is None:
             self._kl_cache = self._tdc_per_sample(record=True)
         return self._kl_cache
-
-    # host hooks
-    def _gaussian_sample(self, generator):  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def _gaussian_kl(self, other):  # pragma: no cover - overridden
-        raise NotImplementedError
 
 
 class GQDiagonalGaussian(GQPosteriorMixin):
