@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -343,18 +342,12 @@ def main(argv=None) -> None:
     import torch
 
     from gq_plugin import kernels
+    from gq_plugin.sysinfo import cpu_model
 
     t0 = time.perf_counter()
     built = kernels.load_cpu() is not None  # build once (cached) before timing anything
     build_s = time.perf_counter() - t0
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     simd = kernels.load_cpu().simd_width() if built else None
     header = [
         "## GQ search speed (CPU)",

@@ -31,6 +31,8 @@ from typing import ClassVar
 
 import torch
 
+from gq_plugin.sysinfo import cpu_model
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 BITS_PER_TOKEN = 16
@@ -359,14 +361,7 @@ class ModelEval:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} CPUs visible, torch.get_num_threads()={torch.get_num_threads()}, {gpu}, torch {torch.__version__}"
 
