@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import load_config
 from .losses import ReconstructionLoss
-from .models import build_model, gq_settings
+from .models import build_model
 
 
 def _infinite(loader, start_epoch: int = 0):
@@ -48,13 +48,11 @@ def _images(batch):
     return batch
 
 
-def _rates_of(out, wrapper_cls_name: str):
+def _rates_of(out):
+    """Per-group rates of the batch's posterior (GQ posteriors), else None."""
     post = out.posterior
-    if hasattr(post, "rates") and callable(getattr(post, "rates")):
-        try:
-            return post.rates()
-        except Exception:  # noqa: BLE001 - best effort logging
-            return None
+    if callable(getattr(post, "rates", None)):
+        return post.rates()
     return None
 
 
@@ -191,7 +189,7 @@ def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = Non
         step += 1
         pbar.update(1)
         if step % log_every == 0 or step == steps:
-            rates = _rates_of(out, type(wrapper).__name__)
+            rates = _rates_of(out)
             last_rates = rates.detach().cpu() if rates is not None else last_rates
             entry = {"step": step, "loss": float(loss.detach()), "rec": float(rec.detach()), "reg": float(out.loss.detach())}
             entry.update({k: float(v) for k, v in logs.items()})
@@ -252,4 +250,4 @@ def save_checkpoint(acc, wrapper, opt, disc, opt_d, step: int, path: Path) -> Pa
     return path
 
 
-__all__ = ["train", "save_checkpoint", "latest_checkpoint", "build_datasets", "gq_settings"]
+__all__ = ["train", "save_checkpoint", "latest_checkpoint", "build_datasets"]
