@@ -110,7 +110,7 @@ def evaluate(cfg, ckpt=None, out_dir=None, overrides: list[str] | None = None, p
     info = {"converted_from_vanilla": converted, "checkpoint": str(ckpt) if ckpt else None, "n_images": n}
     if all_idx and K:
         idx = torch.cat([i.reshape(-1) for i in all_idx])
-        info["codebook"] = codebook_stats(idx, K) if callable(codebook_stats) else {}
+        info["codebook"] = codebook_stats(idx, K)
     ppt = pixels_per_token(vae)
     if q is not None and hasattr(q, "bits_per_token"):
         info["bpp"] = float(q.bits_per_token) / ppt

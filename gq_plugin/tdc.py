@@ -96,19 +96,27 @@ class TargetDivergenceConstraint(nn.Module):
         one = torch.ones((), dtype=r.dtype, device=r.device)
         return torch.where(hi, self.lam_max.to(r.dtype), torch.where(lo, self.lam_min.to(r.dtype), one))
 
-    def loss(self, rates: torch.Tensor) -> torch.Tensor:
-        """``lam_global * mean over batch of sum(w * R)``; ``rates`` is (B, ...) bits."""
+    def per_sample_loss(self, rates: torch.Tensor) -> torch.Tensor:
+        """``lam_global * sum(w * R)`` for each sample: (B, ...) bits -> (B,)."""
         if rates.ndim < 1 or rates.shape[0] == 0:
             raise ValueError(f"rates must be (B, ...) with B > 0, got shape {tuple(rates.shape)}")
         w = self.weights(rates)
         per_sample = (w * rates).flatten(1).sum(1) if rates.ndim > 1 else w * rates
         # clone: step() updates the buffers in place, which must not touch the autograd graph
-        return self.lam_global.clone().to(rates.dtype) * per_sample.mean()
+        return self.lam_global.clone().to(rates.dtype) * per_sample
 
-    def forward(self, rates: torch.Tensor) -> torch.Tensor:
-        """Loss for this batch; records its statistics for the next :meth:`step`."""
+    def loss(self, rates: torch.Tensor) -> torch.Tensor:
+        """``lam_global * mean over batch of sum(w * R)``; ``rates`` is (B, ...) bits."""
+        return self.per_sample_loss(rates).mean()
+
+    def forward(self, rates: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Loss for this batch (``reduction="none"``: per sample); records its statistics for
+        the next :meth:`step`."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         rates = rates.float()
-        loss = self.loss(rates)
+        per_sample = self.per_sample_loss(rates)
+        loss = per_sample.mean() if reduction == "mean" else per_sample
         self.accumulate(rates)
         if self.auto_step and self.training and torch.is_grad_enabled():
             self.step()

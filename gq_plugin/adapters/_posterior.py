@@ -76,11 +76,10 @@ class GQPosteriorMixin:
     def _tdc_per_sample(self, record: bool) -> torch.Tensor:
         rates = self.rates()
         tdc = self.quantizer.tdc
-        # per-sample values with the current multipliers: lam * sum(w * R) for each sample
-        per_sample = torch.stack([tdc.loss(rates[i : i + 1]) for i in range(rates.shape[0])])
+        # lam * sum(w * R) per sample, with the multipliers from before this step's update
         if record:
-            tdc(rates)  # records statistics (and steps the multipliers when auto_step)
-        return per_sample
+            return tdc(rates, reduction="none")  # also records statistics (and auto-steps)
+        return tdc.per_sample_loss(rates)
 
     # ----------------------------------------------------------------- distribution API
 
