@@ -46,6 +46,13 @@ def test_smoke_rows_end_to_end_and_resume(tmp_path):
     assert "*not run yet*" in text and "`vq`" in text  # unselected rows are marked
     assert "27.61" in text and "FD-EffNetLite0" in text and "FID" not in text.replace("rFID", "").replace("**not FID**", "")
     assert "Paper: GQ (TDC + GQ) beats `fsq` on PSNR: **" in text
+    # every result records the command that produced it, and RESULTS.md lists it
+    assert all(d["command"].endswith("--only tdc+gq,fsq,tdc+gq-beta0 --out " + str(out) + " --quiet") for d in res.values())
+    assert f"`{res['fsq']['command']}`" in text
+    # code entropy column: the eval histogram's entropy, at most log2 of the number of eval tokens (16 crops x 8x8 tokens)
+    ent = res["tdc+gq"]["codebook"]["entropy_bits"]
+    assert 0 < ent <= math.log2(16 * 8 * 8) + 1e-9 and f"{ent:.2f}" in text and "code entropy (bits)" in text
+    assert "Paper: GQ uses its codebook better than `fsq` (code entropy on the eval set): **" in text
     assert (out / "rates_vanilla_vs_tdc.png").stat().st_size > 1000
     # baseline checkpoints carry their trained quantizer (FSQ projections), which evaluation reloads
     assert (out / "runs" / "smoke" / "fsq-seed0" / "checkpoint-3" / "quantizer.pt").is_file()

@@ -376,6 +376,7 @@ def run(args) -> int:
     if args.estimate:
         return estimate(args, trains, rows, selected, seeds)
     t_start = time.time()
+    cmd = "python benchmarks/paper/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     by_train: dict[str, list[str]] = {}
     for r in selected:
         by_train.setdefault(rows[r]["train"], []).append(r)
@@ -396,7 +397,8 @@ def run(args) -> int:
                 res = me.score(rows[r])
                 res.update({"row": r, "seed": seed, "scale": args.scale, "label": rows[r]["label"], "group": rows[r]["group"],
                             "train": tname, "train_time_s": tinfo["train_time_s"], "steps": tinfo["steps"], "lr": tinfo["lr"],
-                            "batch_size": tinfo["batch_size"], "spec": rows[r], "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+                            "batch_size": tinfo["batch_size"], "spec": rows[r], "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                            "command": cmd})
                 p = out / "results" / r / f"seed{seed}.json"
                 p.parent.mkdir(parents=True, exist_ok=True)
                 p.write_text(json.dumps(res, indent=2, default=float))
@@ -404,7 +406,6 @@ def run(args) -> int:
         write_report,  # benchmarks/paper/report.py (on sys.path, see main())
     )
 
-    cmd = "python benchmarks/paper/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     path = write_report(out, args.scale, rows, seeds, cmd, machine(), SCALES[args.scale], PAPER, PAPER_RATES, PAPER_ROW,
                         elapsed=time.time() - t_start)
     log(f"wrote {path}")
