@@ -61,3 +61,45 @@ def test_smoke_rows_end_to_end_and_resume(tmp_path):
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in (out / "results").rglob("seed0.json")} == before
+
+
+def _report():
+    sys.path.insert(0, str(REPO / "benchmarks" / "paper"))
+    try:
+        import report
+    finally:
+        sys.path.pop(0)
+    return report
+
+
+def _runs(*psnr_by_seed):
+    return [{"seed": s, "metrics": {"PSNR": v}, "codebook": {"entropy_bits": v / 2}} for s, v in enumerate(psnr_by_seed)]
+
+
+def test_compare_is_paired_by_seed():
+    report = _report()
+    # a is better on both seeds although the seed effect (2 dB) dwarfs the difference: paired -> agrees
+    res = {"a": _runs(18.1, 20.1), "b": _runs(18.0, 20.0)}
+    sentence, verdict = report.compare("a", "b", res)
+    assert verdict is True and "same sign on all 2 seeds: +0.1, +0.1" in sentence and "unpaired: within" in sentence
+    assert "paired difference +0.1" in sentence
+    # signs disagree -> unresolved, even though the means differ
+    res = {"a": _runs(18.5, 19.9), "b": _runs(18.0, 20.0)}
+    assert report.compare("a", "b", res)[1] is None
+    # lower is better (LPIPS-like) flips the verdict; paths into the result file work
+    res = {"a": _runs(1.0, 2.0), "b": _runs(1.5, 2.5)}
+    assert report.compare("a", "b", res, higher_better=False)[1] is True
+    s, v = report.compare("a", "b", res, key=("codebook", "entropy_bits"))
+    assert v is False and "on entropy_bits: 0.75 vs 1" in s
+    # one common seed: the verdict follows the means and says the spread is unknown
+    s, v = report.compare("a", "b", {"a": _runs(18.0, 20.0), "b": _runs(18.5)})
+    assert v is True and "difference of the means +0.5" in s and "single seed" in s
+    assert report.compare("a", "missing", res) is None
+
+
+def test_conversion_gap_per_seed():
+    report = _report()
+    res = {"tdc": _runs(18.0, 19.0), "tdc+gq": _runs(17.9, 18.8)}
+    gap = report.conversion_gap(res, "tdc")
+    assert [g["seed"] for g in gap] == [0, 1]
+    assert [round(g["metrics"]["PSNR"], 6) for g in gap] == [-0.1, -0.2]
