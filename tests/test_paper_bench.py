@@ -91,9 +91,11 @@ def test_compare_is_paired_by_seed():
     assert report.compare("a", "b", res, higher_better=False)[1] is True
     s, v = report.compare("a", "b", res, key=("codebook", "entropy_bits"))
     assert v is False and "on entropy_bits: 0.75 vs 1" in s
-    # one common seed: the verdict follows the means and says the spread is unknown
+    # one common seed: the verdict follows that seed's difference (not the means: seed 1 is much easier)
     s, v = report.compare("a", "b", {"a": _runs(18.0, 20.0), "b": _runs(18.5)})
-    assert v is True and "difference of the means +0.5" in s and "single seed" in s
+    assert v is False and "paired difference -0.5" in s and "one common seed 0, spread unknown" in s
+    s, v = report.compare("a", "b", {"a": _runs(18.0), "b": [{"seed": 1, "metrics": {"PSNR": 17.0}}]})
+    assert v is True and "difference of the means +1" in s and "no common seed" in s
     assert report.compare("a", "missing", res) is None
 
 

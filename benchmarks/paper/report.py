@@ -92,8 +92,8 @@ def compare(a: str, b: str, res: dict, key: str | tuple = "PSNR", higher_better:
     Seeds are a blocking factor: seed k fixes the autoencoder's initialisation and the data order for
     every row, so rows are compared **paired by seed**. With >= 2 common seeds the verdict is True / False
     when every per-seed difference has the same sign (a better / worse on every seed) and None
-    (unresolved) when the signs disagree. With fewer common seeds the verdict follows the means and the
-    sentence says the spread is unknown. The unpaired summary (means, summed half-ranges) is reported too.
+    (unresolved) when the signs disagree. With fewer common seeds the verdict follows the single difference and the
+    sentence says the spread is unknown (one common seed: that seed's difference). The unpaired summary (means, summed half-ranges) is reported too.
     ``key``: a metric name, or a path into the result file such as ``("codebook", "entropy_bits")``."""
     ra, rb = res.get(a, []), res.get(b, [])
     va = {r.get("seed"): _get(r, key) for r in ra}
@@ -106,11 +106,12 @@ def compare(a: str, b: str, res: dict, key: str | tuple = "PSNR", higher_better:
     sa, sb = stat(list(va.values())), stat(list(vb.values()))
     common = sorted(set(va) & set(vb), key=str)
     diffs = [va[k] - vb[k] for k in common]
-    d = sum(diffs) / len(diffs) if len(common) >= 2 else sa[0] - sb[0]
+    d = sum(diffs) / len(diffs) if common else sa[0] - sb[0]
     better = d > 0 if higher_better else d < 0
     unpaired = f"unpaired: {'outside' if abs(sa[0] - sb[0]) > sa[1] + sb[1] else 'within'} the summed seed half-ranges {sa[1] + sb[1]:.2g}"
     if len(common) < 2:
-        note, verdict = f"single seed: spread unknown; {unpaired}" if min(len(va), len(vb)) < 2 else unpaired, better
+        single = f"on the one common seed {common[0]}" if common else "no common seed: difference of the means"
+        note, verdict = f"{single}, spread unknown; {unpaired}", better
     else:
         per = ", ".join(f"{x:+.3g}" for x in diffs)
         if all(x > 0 for x in diffs) or all(x < 0 for x in diffs):
@@ -118,7 +119,7 @@ def compare(a: str, b: str, res: dict, key: str | tuple = "PSNR", higher_better:
         else:
             note, verdict = f"per-seed differences disagree in sign: {per}: unresolved; {unpaired}", None
     word = "beats" if better else ("ties" if d == 0 else "loses to")
-    return f"`{a}` {word} `{b}` on {name}: {sa[0]:.4g} vs {sb[0]:.4g} ({'paired difference' if len(common) >= 2 else 'difference of the means'} {d:+.3g}, {note})", verdict
+    return f"`{a}` {word} `{b}` on {name}: {sa[0]:.4g} vs {sb[0]:.4g} ({'paired difference' if common else 'difference of the means'} {d:+.3g}, {note})", verdict
 
 
 def plot_ksweep(out: Path, rows: dict, res: dict) -> Path | None:
@@ -156,6 +157,44 @@ def plot_ksweep(out: Path, rows: dict, res: dict) -> Path | None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = out / "psnr_vs_log2K.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_main(out: Path, rows: dict, res: dict, ref: str = "tdc+gq") -> Path | None:
+    """Left: PSNR vs LPIPS of every finished main row (mean, seed half-range bars). Right: per-seed PSNR
+    difference of every row to ``ref`` (dots: seeds, bar: mean) — the paired view the findings use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r for r, sp in rows.items() if sp["group"] == "main" and res.get(r) and metric(res[r], "PSNR") and metric(res[r], "LPIPS-alex")]
+    if len(names) < 2:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+    for i, r in enumerate(names):
+        p, q = metric(res[r], "PSNR"), metric(res[r], "LPIPS-alex")
+        style = {"marker": "*", "ms": 12} if r == ref else {"marker": "o", "ms": 6}
+        a1.errorbar(q[0], p[0], xerr=q[1], yerr=p[1], color=f"C{i % 10}", capsize=3, label=r, **style)
+    a1.set_xlabel("LPIPS-alex (lower is better)")
+    a1.set_ylabel("PSNR (dB)")
+    a1.set_title("Main rows: mean over seeds ± half-range")
+    a1.legend(fontsize=7)
+    refv = {x["seed"]: _get(x, "PSNR") for x in res.get(ref, [])}
+    others = [r for r in names if r != ref]
+    for i, r in enumerate(others):
+        d = [_get(x, "PSNR") - refv[x["seed"]] for x in res[r] if refv.get(x["seed"]) is not None and _get(x, "PSNR") is not None]
+        if d:
+            a2.bar(i, sum(d) / len(d), color="0.85", edgecolor="0.4")
+            a2.scatter([i] * len(d), d, color="k", s=14, zorder=3)
+    a2.axhline(0, color="k", lw=0.8)
+    a2.set_xticks(range(len(others)), others, rotation=35, ha="right", fontsize=7)
+    a2.set_ylabel(f"PSNR minus `{ref}` (dB), same seed")
+    a2.set_title(f"Paired by seed (dots: seeds; > 0: better than {ref})")
+    fig.tight_layout()
+    path = out / "main_rows.png"
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -246,6 +285,9 @@ def write_report(out: Path, scale: str, rows: dict, seeds: list[int], cmd: str, 
           "models on ImageNet for ~30 epochs. Numbers are not comparable in absolute terms; only the orderings are.", ""]
     main_rows = [r for r, sp in rows.items() if sp["group"] == "main"]
     L += ["## Main table", ""] + table(main_rows, rows, res, n) + [""]
+    mp = plot_main(out, rows, res)
+    if mp:
+        L += [f"![main rows: PSNR vs LPIPS, and PSNR paired by seed]({mp.name})", ""]
     # paper numbers
     col = BPP_COL.get(bpp)
     L += ["## The paper's numbers (reference.md §12.1, ImageNet 256², UNet, reconstruction; rFID not comparable to our FD)", ""]
