@@ -105,3 +105,36 @@ def test_conversion_gap_per_seed():
     gap = report.conversion_gap(res, "tdc")
     assert [g["seed"] for g in gap] == [0, 1]
     assert [round(g["metrics"]["PSNR"], 6) for g in gap] == [-0.1, -0.2]
+
+
+def _run_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paper_run", RUN)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_full_scale_plan_is_the_issue_protocol(tmp_path):
+    """--scale full (GPU) is never trained in CI: check its plan and that every training's config builds."""
+    run = _run_module()
+    trains, rows = run.plan("full")
+    s = run.SCALES["full"]
+    assert s["size"] == 256 and s["model"]["latent_channels"] == 16 and len(s["model"]["block_out_channels"]) == 4  # f8
+    # every quantized row spends 16 bits per token = 0.25 bpp at f8 (the paper's headline)
+    for name, spec in rows.items():
+        if spec["kind"] == "gq" and spec["group"] != "ksweep":  # the K sweep varies the bits on purpose
+            groups = s["model"]["latent_channels"] // spec["m"]
+            assert groups * math.log2(spec["K"]) == 16, name
+    assert sorted(spec["m"] for spec in rows.values() if spec["group"] == "msweep") == [4, 8]  # + m = 16, the main row
+    assert rows["tdc+gq"]["m"] == 16 and rows["tdc+gq"]["K"] == 2**16
+    assert {r for r, sp in rows.items() if sp["group"] == "main"} >= {"vanilla", "vanilla+gq", "tdc", "tdc+gq", "vq", "fsq", "lfq", "bsq",
+                                                                       "tokenbridge-vanilla", "tokenbridge-tdc"}
+    assert {sp["K"] for r, sp in rows.items() if sp["group"] == "ksweep"} == {2**k for k in range(12, 19)}
+    assert {r for r, sp in rows.items() if sp["group"] == "alpha"} == {"tdc-a0.25+gq", "tdc-a1+gq"}
+    assert rows["tdc+gq-beta0"]["beta"] == 0.0
+    # the configs validate (bad keys would raise here, not hours into a GPU run)
+    for t, q in trains.items():
+        cfg = run._load_config(run.recipe("full", q, 0, tmp_path / t, None))
+        assert cfg.train.steps == s["steps"] and cfg.data.size == 256 and cfg.quantizer.name == q["name"], t
