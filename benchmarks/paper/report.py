@@ -398,6 +398,12 @@ def findings(res: dict, rows: dict) -> list[str]:
         for key, hb in (("PSNR", True), ("LPIPS-alex", False)):
             add(f"Paper: larger m reconstructs better at the same bits per token (m=16: 27.61 dB vs m=1: 25.60) — "
                 f"`tdc+gq` (m={rows['tdc+gq']['m']}) vs `{small}` (m={ms[0][0]}) on {key}", compare("tdc+gq", small, res, key, hb))
+    for r, sp in rows.items():
+        if sp["group"] == "alpha":
+            for key, hb in (("PSNR", True), ("LPIPS-alex", False)):
+                c = compare(r, "tdc+gq", res, key, hb)
+                if c is not None:
+                    out.append(f"* Observation (alpha sweep; not one of the paper claims checked here): {c[0]}.")
     gaps = {f"gap:{t}": conversion_gap(res, t) for t in ("tdc", "vanilla")}
     add("Paper: TDC makes the GQ conversion nearly lossless — smaller PSNR drop continuous -> GQ than on the vanilla VAE",
         compare("gap:tdc", "gap:vanilla", gaps, "PSNR", higher_better=True) if all(gaps.values()) else None)
