@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _adapter_standins import LdmAutoencoderKL
+from _gloo import finish_worker
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gq_plugin import adapters
@@ -42,12 +43,7 @@ def _worker(rank, world, init_file, out_file):
         results[mode] = torch.stack(gathered)
     if rank == 0:
         torch.save(results, out_file)
-    dist.barrier()  # every rank is done (and rank 0 has saved) before anyone tears gloo down
-    dist.destroy_process_group()
-    # skip interpreter finalisation: with torch 2.13 CPU, gloo's C++ threads are sometimes destroyed still
-    # joinable at static-destruction time ('terminate called without an active exception', SIGABRT in a
-    # few % of runs on 2 cores) after all work is done; the results above are already on disk
-    os._exit(0)
+    finish_worker()
 
 
 @pytest.mark.slow

@@ -33,18 +33,21 @@ def stat(vals: list[float]) -> tuple[float, float] | None:
     return sum(v) / len(v), (max(v) - min(v)) / 2
 
 
+def _get(run: dict, key: str | tuple):
+    """One run's finite number at ``key``: a metric name, or a path into the result file such as
+    ``("codebook", "entropy_bits")``; None when absent or not a finite number."""
+    v = run if isinstance(key, tuple) else run["metrics"]
+    for p in key if isinstance(key, tuple) else (key,):
+        v = v.get(p) if isinstance(v, dict) else None
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
 def metric(runs: list[dict], key: str):
-    return stat([r["metrics"].get(key) for r in runs])
+    return stat([_get(r, key) for r in runs])
 
 
 def info(runs: list[dict], *path):
-    vals = []
-    for r in runs:
-        v = r
-        for p in path:
-            v = v.get(p) if isinstance(v, dict) else None
-        vals.append(v)
-    return stat(vals)
+    return stat([_get(r, path) for r in runs])
 
 
 def fmt(st, digits: int, n: int) -> str:
@@ -79,13 +82,6 @@ def table(names: list[str], rows: dict, res: dict, n_seeds: int) -> list[str]:
     return lines
 
 
-def _get(run: dict, key: str | tuple):
-    v = run if isinstance(key, tuple) else run.get("metrics", {})
-    for p in key if isinstance(key, tuple) else (key,):
-        v = v.get(p) if isinstance(v, dict) else None
-    return v if isinstance(v, (int, float)) and math.isfinite(v) else None
-
-
 def compare(a: str, b: str, res: dict, key: str | tuple = "PSNR", higher_better: bool = True) -> tuple[str, bool | None] | None:
     """``(sentence, verdict)`` comparing rows a and b on ``key`` from the data (None if either is missing).
 
@@ -96,10 +92,8 @@ def compare(a: str, b: str, res: dict, key: str | tuple = "PSNR", higher_better:
     sentence says the spread is unknown (one common seed: that seed's difference). The unpaired summary (means, summed half-ranges) is reported too.
     ``key``: a metric name, or a path into the result file such as ``("codebook", "entropy_bits")``."""
     ra, rb = res.get(a, []), res.get(b, [])
-    va = {r.get("seed"): _get(r, key) for r in ra}
-    vb = {r.get("seed"): _get(r, key) for r in rb}
-    va = {k: v for k, v in va.items() if v is not None}
-    vb = {k: v for k, v in vb.items() if v is not None}
+    va = {r.get("seed"): v for r in ra if (v := _get(r, key)) is not None}
+    vb = {r.get("seed"): v for r in rb if (v := _get(r, key)) is not None}
     if not va or not vb:
         return None
     name = key[-1] if isinstance(key, tuple) else key

@@ -366,6 +366,11 @@ def machine() -> str:
     return f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} CPUs visible, torch.get_num_threads()={torch.get_num_threads()}, {gpu}, torch {torch.__version__}"
 
 
+def _command() -> str:
+    """This invocation as a command line (recorded in every result file and in RESULTS.md)."""
+    return "python benchmarks/paper/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
 def run(args) -> int:
     trains, rows = plan(args.scale)
     selected = select_rows(rows, args.only)
@@ -376,7 +381,7 @@ def run(args) -> int:
     if args.estimate:
         return estimate(args, trains, rows, selected, seeds)
     t_start = time.time()
-    cmd = "python benchmarks/paper/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    cmd = _command()
     by_train: dict[str, list[str]] = {}
     for r in selected:
         by_train.setdefault(rows[r]["train"], []).append(r)
@@ -476,8 +481,7 @@ def main(argv=None) -> int:
         from report import write_report
 
         _, rows = plan(args.scale)
-        cmd = "python benchmarks/paper/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        print(write_report(Path(args.out), args.scale, rows, list(range(args.seeds)), cmd, machine(), SCALES[args.scale], PAPER,
+        print(write_report(Path(args.out), args.scale, rows, list(range(args.seeds)), _command(), machine(), SCALES[args.scale], PAPER,
                            PAPER_RATES, PAPER_ROW))
         return 0
     return run(args)
