@@ -11,7 +11,7 @@ data: row features ``W = [(beta - 1/sigma^2)/2, mu/sigma^2]`` and codeword featu
 
 Methods
 
-* ``fused_cpp``   -- ``csrc/`` kernel (``gq_plugin.kernels``), the ``cpp`` backend.
+* ``fused_cpp``   -- ``csrc/`` kernel (``gq_plugin.search.kernels``), the ``cpp`` backend.
 * ``torch_tiled`` -- ``gq_plugin.search`` torch backend (tiled ``torch.mm`` + running max).
 * ``reference``   -- the authors' way: the direct log-density ``log N(c; mu, sigma^2) - log N(c; 0, I)``
   broadcast to a (rows x K x m) float32 tensor, then argmax. Measured on a small subset of rows
@@ -80,7 +80,7 @@ def _run_method(method: str, n: int, k: int, m: int, args) -> dict:
     check = None  # (indices, rows) to compare with the fused kernel
 
     if method == "fused_cpp":
-        from gq_plugin import kernels
+        from gq_plugin.search import kernels
 
         if kernels.load_cpu() is None:
             return {"error": "cpp kernel did not build"}
@@ -90,9 +90,10 @@ def _run_method(method: str, n: int, k: int, m: int, args) -> dict:
 
     elif method == "torch_tiled":
         from gq_plugin import search
+        from gq_plugin.search.torch_backend import argmax_ip_torch
 
         def fn():
-            return search._argmax_ip_torch(w, f, search.DEFAULT_TILE_N, search.DEFAULT_TILE_K)
+            return argmax_ip_torch(w, f, search.DEFAULT_TILE_N, search.DEFAULT_TILE_K)
 
     elif method == "faiss_flat_ip":
         try:
@@ -187,7 +188,7 @@ def _run_method(method: str, n: int, k: int, m: int, args) -> dict:
     if check is not None:
         # agreement with the fused kernel (if built) on the timed rows
         try:
-            from gq_plugin import kernels
+            from gq_plugin.search import kernels
 
             if kernels.load_cpu() is not None:
                 ref = kernels.argmax_ip_cpu(w[:rows], f)
@@ -341,8 +342,8 @@ def main(argv=None) -> None:
 
     import torch
 
-    from gq_plugin import kernels
-    from gq_plugin.sysinfo import cpu_model
+    from gq_plugin.search import kernels
+    from gq_plugin.lab.sysinfo import cpu_model
 
     t0 = time.perf_counter()
     built = kernels.load_cpu() is not None  # build once (cached) before timing anything

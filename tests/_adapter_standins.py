@@ -144,7 +144,7 @@ class TokenBridgeStandin(nn.Module):
 
     def __init__(self, vae_embed_dim=16, quant_levels=64, quant_min=-5.0, quant_max=5.0, std_range=3.0, patch_size=1):
         super().__init__()
-        from gq_plugin.baselines.tokenbridge import tokenbridge_tables
+        from gq_plugin.lab.baselines.tokenbridge import tokenbridge_tables
 
         self.vae_embed_dim = vae_embed_dim
         self.patch_size = patch_size

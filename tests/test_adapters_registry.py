@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from gq_plugin.registry import available_quantizers, build_quantizer, needs_posterior
+from gq_plugin.lab.registry import available_quantizers, build_quantizer, needs_posterior
 
 C = 8
 pytest.importorskip("vector_quantize_pytorch")
@@ -68,7 +68,7 @@ def test_adapters_import_without_foreign_libraries():
         "import sys\n"
         "for m in ('diffusers', 'vector_quantize_pytorch', 'taming', 'sgm', 'ldm'): sys.modules[m] = None\n"
         "from gq_plugin import adapters\n"
-        "from gq_plugin import registry, baselines\n"
+        "from gq_plugin.lab import registry, baselines\n"
         "assert adapters.GaussianQuantize and adapters.GaussianVectorQuantizer and adapters.GaussianQuantRegularizer\n"
         "assert adapters.patch_ldm_autoencoder and adapters.swap_tokenbridge_quantizer\n"
         "registry.build_quantizer('gq', 4, 8)\n"

@@ -7,7 +7,7 @@ import torch
 from _adapter_standins import TokenBridgeStandin
 
 from gq_plugin import adapters
-from gq_plugin.baselines import TokenBridgeQuantizer, tokenbridge_tables
+from gq_plugin.lab.baselines import TokenBridgeQuantizer, tokenbridge_tables
 
 
 def test_tables_match_scipy_truncated_normal_means():

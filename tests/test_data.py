@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gq_plugin.data import (
+from gq_plugin.lab.data import (
     DEBIAN_SOURCES,
     PHOTO_SETS,
     PhotoDataset,
@@ -252,7 +252,7 @@ def test_fetch_small_debian_package(tmp_path):
 
 
 def test_fetch_dedup_and_name_collisions(tmp_path, monkeypatch):
-    import gq_plugin.data as data_mod
+    import gq_plugin.lab.data.photos as data_mod
 
     src = tmp_path / "src"
     src.mkdir()
@@ -282,7 +282,7 @@ def test_fetch_refuses_mixed_sizes(tmp_path):
 
 @pytest.mark.skipif(not HAVE_WHEEL_PHOTOS, reason="pip install scikit-image scikit-learn")
 def test_fetch_falls_back_to_wheels_without_apt(tmp_path, monkeypatch, capsys):
-    import gq_plugin.data as data_mod
+    import gq_plugin.lab.data.photos as data_mod
 
     monkeypatch.setattr(data_mod.shutil, "which", lambda name: None)  # no apt-get / dpkg-deb
     m = fetch_photos(tmp_path, sets=("tiny",), max_short_side=64)

@@ -1,4 +1,4 @@
-"""Fused score+argmax kernels (csrc/, gq_plugin.kernels) against the float64 reference.
+"""Fused score+argmax kernels (csrc/, gq_plugin.search.kernels) against the float64 reference.
 
 Tolerance for disagreements with :func:`search_reference` (documented in docs/kernels.md): the
 backends compute ``W . F`` in float32 (W itself rounded to float32), so two codewords whose exact
@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gq_plugin import kernels, search
+from gq_plugin import search
+from gq_plugin.search import kernels
 from gq_plugin.search import (
     argmax_inner_product,
     codebook_features,
@@ -75,9 +76,9 @@ def _check_against_reference(idx, mean, logvar, codebook, beta, ref_s=None):
 
 
 def test_import_is_lazy():
-    """Importing gq_plugin (and even gq_plugin.kernels) must not compile anything."""
+    """Importing gq_plugin (and even gq_plugin.search.kernels) must not compile anything."""
     code = (
-        "import sys, gq_plugin, gq_plugin.kernels as k; "
+        "import sys, gq_plugin, gq_plugin.search.kernels as k; "
         "assert k._STATE == {}, k._STATE; "
         "assert not any(n.startswith('gq_search_cpu') for n in sys.modules)"
     )

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from gq_plugin.metrics import (
+from gq_plugin.lab.metrics import (
     LPIPS,
     EffNetLite0Features,
     LPIPSWeightsNotFound,
@@ -192,7 +192,7 @@ def test_lpips_is_a_differentiable_loss():
 
 @needs_lpips
 def test_lpips_cache_roundtrip(tmp_path, monkeypatch):
-    from gq_plugin.metrics.lpips import load_lpips_state_dict
+    from gq_plugin.lab.metrics.lpips import load_lpips_state_dict
 
     monkeypatch.setenv("GQ_CACHE_DIR", str(tmp_path))
     sd1 = load_lpips_state_dict("alex")
@@ -214,7 +214,7 @@ def test_lpips_missing_weights_message(tmp_path, monkeypatch):
 def test_restricted_unpickler_blocks_code(tmp_path):
     import pickle
 
-    from gq_plugin.metrics.lpips import _NumpyOnlyUnpickler
+    from gq_plugin.lab.metrics.lpips import _NumpyOnlyUnpickler
 
     class Evil:
         def __reduce__(self):

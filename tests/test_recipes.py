@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gq_plugin.config import list_recipes, load_config, resolve_recipe
+from gq_plugin.lab.config import list_recipes, load_config, resolve_recipe
 
 
 def test_bundled_recipes_load_and_validate():
@@ -33,7 +33,7 @@ def test_overrides_and_validation():
 
 def test_tiny_recipe_builds_and_runs_forward():
     pytest.importorskip("diffusers")
-    from gq_plugin.models import build_model
+    from gq_plugin.lab.models import build_model
 
     vae, wrapper = build_model(load_config("tiny_cpu"))
     out = wrapper(torch.rand(2, 3, 64, 64) * 2 - 1)

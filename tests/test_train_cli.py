@@ -15,8 +15,8 @@ import yaml
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
-from gq_plugin.cli import main as gq_main  # noqa: E402
-from gq_plugin.data import wheel_photos  # noqa: E402
+from gq_plugin.lab.cli import main as gq_main  # noqa: E402
+from gq_plugin.lab.data import wheel_photos  # noqa: E402
 
 MICRO_MODEL = {
     "in_channels": 3,
@@ -142,8 +142,8 @@ def test_diagnose_recommends_and_measures(trained, photo_dir, tmp_path, capsys):
 def test_encode_decode_cli_reproduces_decode_indices(trained, photo_dir, tmp_path, capsys):
     from PIL import Image
 
-    from gq_plugin.codec import decode_indices, load_image, load_model
-    from gq_plugin.plots import to_uint8
+    from gq_plugin.lab.codec import decode_indices, load_image, load_model
+    from gq_plugin.lab.plots import to_uint8
 
     _, out = trained
     img = sorted(photo_dir.iterdir())[0]
@@ -174,7 +174,7 @@ def test_two_process_accelerate_ranks_stay_identical(photo_dir, tmp_path):
                           train={"steps": 3, "ckpt_every": 0, "log_every": 1, "save_rank_states": True})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # no GPU: accelerate falls back to gloo on CPU
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gq_plugin.cli", "train", str(recipe), "--quiet"]
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gq_plugin.lab.cli", "train", str(recipe), "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = torch.load(tmp_path / "out" / "rank0.pt")

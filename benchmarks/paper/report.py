@@ -197,7 +197,7 @@ def plot_main(out: Path, rows: dict, res: dict, ref: str = "tdc+gq") -> Path | N
 def plot_rates(out: Path, seeds: list[int]) -> Path | None:
     import torch
 
-    from gq_plugin.plots import plot_rate_histogram
+    from gq_plugin.lab.plots import plot_rate_histogram
 
     d = out / "results" / "_rates"
     rates = {}
@@ -268,7 +268,7 @@ def write_report(out: Path, scale: str, rows: dict, seeds: list[int], cmd: str, 
           "TokenBridge normalises its latent to unit variance (0.2325 for MAR's VAE); we use 1/std of the posterior means on 128 "
           "training crops and map [-3, 3] onto the table's [-3, 3] std range, so the bins are N(0, 1) quantiles of the normalised "
           "latent (TokenBridge's literal [-5, 5] -> [-3, 3] map puts them at 5/3 std, which only hurts at 2 bits).",
-          "* **Baselines** use vector-quantize-pytorch through `gq_plugin.registry` with library defaults, the same LR, steps and "
+          "* **Baselines** use vector-quantize-pytorch through `gq_plugin.lab.registry` with library defaults, the same LR, steps and "
           "batch as GQ. No per-method LR search was done (one shared LR: the tiny_cpu recipe's 1e-3 at tiny scale); a fair LR search "
           "is future work.",
           f"* LFQ / BSQ: the entropy loss is computed on a random fraction {s['entropy_frac']:g} of the tokens per step "

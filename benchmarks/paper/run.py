@@ -31,7 +31,7 @@ from typing import ClassVar
 
 import torch
 
-from gq_plugin.sysinfo import cpu_model
+from gq_plugin.lab.sysinfo import cpu_model
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -171,14 +171,14 @@ def recipe(scale: str, qcfg: dict, seed: int, out_dir: Path, data_root: str | No
 
 
 def _load_config(cfg: dict):
-    from gq_plugin.config import load_config
+    from gq_plugin.lab.config import load_config
 
     return load_config(cfg)
 
 
 def ensure_trained(name: str, qcfg: dict, seed: int, args, log) -> dict:
     """Train (or resume, or skip) one (model, seed); returns its train.json."""
-    from gq_plugin.train import latest_checkpoint, train
+    from gq_plugin.lab.train import latest_checkpoint, train
 
     run_dir = Path(args.out) / "runs" / args.scale / f"{name}-seed{seed}"
     done = run_dir / "train.json"
@@ -237,8 +237,8 @@ class ModelEval:
     """One trained model on the held-out photos: encodes once, scores any bottleneck on top."""
 
     def __init__(self, scale: str, qcfg: dict, ckpt: str, seed: int, data_root: str | None):
-        from gq_plugin.models import build_model
-        from gq_plugin.train import build_datasets
+        from gq_plugin.lab.models import build_model
+        from gq_plugin.lab.train import build_datasets
 
         cfg = _load_config(recipe(scale, qcfg, seed, Path(ckpt).parent, data_root))
         cfg.model.pretrained = str(Path(ckpt) / "vae")
@@ -250,7 +250,7 @@ class ModelEval:
         ds = build_datasets(cfg.data, "eval")
         n = min(len(ds), int(cfg.eval.max_images))
         if n == 0:
-            raise SystemExit("the eval split is empty: fetch photos first (python -m gq_plugin.data fetch --set small)")
+            raise SystemExit("the eval split is empty: fetch photos first (python -m gq_plugin.lab.data fetch --set small)")
         xs = torch.stack([ds[i] for i in range(n)])
         self.n_photos = ds.n_photos
         self.batches = []
@@ -259,7 +259,7 @@ class ModelEval:
                 x = xs[i : i + int(cfg.eval.batch_size)]
                 post = self.vae.encode(x.to(self.device)).latent_dist
                 self.batches.append((x, post.mean.float().cpu(), post.logvar.float().cpu()))
-        from gq_plugin.models import pixels_per_token
+        from gq_plugin.lab.models import pixels_per_token
 
         self.ppt = pixels_per_token(self.vae)
         self.C = int(self.vae.config.latent_channels)
@@ -267,7 +267,7 @@ class ModelEval:
     _suites: ClassVar[dict] = {}  # shared across models: LPIPS / EfficientNet weights load once per process
 
     def _suite(self, light: bool):
-        from gq_plugin.metrics import MetricSuite
+        from gq_plugin.lab.metrics import MetricSuite
 
         key = (bool(self.cfg.eval.distribution) and not light, str(self.device))
         if key not in ModelEval._suites:
@@ -282,7 +282,7 @@ class ModelEval:
     @torch.no_grad()
     def score(self, spec: dict) -> dict:
         from gq_plugin import GaussianQuantizer
-        from gq_plugin.metrics.codebook import codebook_stats
+        from gq_plugin.lab.metrics.codebook import codebook_stats
 
         kind = spec["kind"]
         suite = self._suite(spec.get("light", False))
@@ -292,7 +292,7 @@ class ModelEval:
             q = GaussianQuantizer(self.C, int(spec["K"]), int(spec["m"]), accept_image_fmap=True, beta=float(spec["beta"]))
             K, info["bpp"] = q.codebook_size, (self.C // q.codebook_dim) * math.log2(q.codebook_size) / self.ppt
         elif kind == "tokenbridge":
-            from gq_plugin.registry import build_quantizer
+            from gq_plugin.lab.registry import build_quantizer
 
             # TokenBridge normalises the latent to unit variance (its 0.2325 for MAR's VAE): the std of
             # the posterior means on these images; [quant_min, quant_max] = [-3, 3] then puts the bins
@@ -337,7 +337,7 @@ class ModelEval:
     def train_latent_std(self, n: int = 128) -> float:
         """Std of the posterior means on ``n`` training crops (TokenBridge's latent normalisation)."""
         if getattr(self, "_std", None) is None:
-            from gq_plugin.train import build_datasets
+            from gq_plugin.lab.train import build_datasets
 
             ds = build_datasets(self.cfg.data, "train")
             g = torch.random.get_rng_state()
@@ -419,9 +419,9 @@ def run(args) -> int:
 
 def estimate(args, trains, rows, selected, seeds) -> int:
     """Time ``--estimate-steps`` optimizer steps of each needed training; project the total."""
-    from gq_plugin.losses import ReconstructionLoss
-    from gq_plugin.models import build_model
-    from gq_plugin.train import build_datasets
+    from gq_plugin.lab.losses import ReconstructionLoss
+    from gq_plugin.lab.models import build_model
+    from gq_plugin.lab.train import build_datasets
 
     need = sorted({rows[r]["train"] for r in selected}, key=list(trains).index)
     s = SCALES[args.scale]

@@ -28,7 +28,7 @@ METRIC_ORDER = ("PSNR", "SSIM", "MS-SSIM", "LPIPS-alex", "FD-EffNetLite0", "KID-
 def load_for_eval(cfg: DictConfig, ckpt: str | os.PathLike | None):
     """``(vae, wrapper, converted)``: the model of ``ckpt`` (a checkpoint dir, its ``vae/`` or a
     ``save_pretrained`` dir); a vanilla VAE is GQ-patched with the recipe's quantizer settings."""
-    from .adapters import is_patched, patch_autoencoder_kl
+    from ..adapters import is_patched, patch_autoencoder_kl
 
     if ckpt is not None:
         ckpt = Path(ckpt)

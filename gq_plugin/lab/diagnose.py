@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .rate import group_rates, kl_bits_per_channel, recommend_codebook
+from ..rate import group_rates, kl_bits_per_channel, recommend_codebook
 
 
 @torch.no_grad()
@@ -23,7 +23,7 @@ def diagnose(vae, images: torch.Tensor, out_dir=None, max_log2_codebook_size: in
     """Diagnose ``vae`` (a diffusers AutoencoderKL, patched or not) on ``images`` (N, 3, H, W) in [-1, 1]."""
     from tqdm.auto import tqdm
 
-    from .adapters import is_patched, patch_autoencoder_kl, unpatch
+    from ..adapters import is_patched, patch_autoencoder_kl, unpatch
     from .metrics import psnr
     from .plots import plot_rate_histogram
 
@@ -32,7 +32,7 @@ def diagnose(vae, images: torch.Tensor, out_dir=None, max_log2_codebook_size: in
     was_patched = is_patched(vae)
     saved_cfg = None
     if was_patched:
-        from .adapters.diffusers_vae import gq_config
+        from ..adapters.diffusers_vae import gq_config
 
         saved_cfg = gq_config(vae)
         unpatch(vae)
@@ -59,7 +59,7 @@ def diagnose(vae, images: torch.Tensor, out_dir=None, max_log2_codebook_size: in
         p_gq.append(psnr(x, vae.decode(z_hat).sample.clamp(-1, 1)))
     unpatch(vae)
     if was_patched and saved_cfg is not None:
-        from .adapters.diffusers_vae import patch_from_config
+        from ..adapters.diffusers_vae import patch_from_config
 
         patch_from_config(vae, saved_cfg)
     psnr_cont, psnr_gq = float(torch.cat(p_cont).mean()), float(torch.cat(p_gq).mean())

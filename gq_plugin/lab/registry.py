@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .quantizer import GaussianQuantizer
+from ..quantizer import GaussianQuantizer
 
 DEFAULT_BITS_PER_TOKEN = 16
 

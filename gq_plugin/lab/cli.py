@@ -1,7 +1,7 @@
 """The ``gq`` command.
 
     gq demo                       fetch photos, train recipes/tiny_cpu.yaml, evaluate, print the table
-    gq train RECIPE [k=v ...]     fine-tune (accelerate; `accelerate launch -m gq_plugin.cli train ...` for DDP)
+    gq train RECIPE [k=v ...]     fine-tune (accelerate; `accelerate launch -m gq_plugin.lab.cli train ...` for DDP)
     gq eval RECIPE CKPT [k=v ...] continuous VAE vs GQ: Markdown table + reconstruction grid
     gq diagnose MODEL_DIR         per-channel rates -> recommended (K, m) + measured conversion loss
     gq data fetch [--set small]   download real photos from Debian packages / wheels into the cache

@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from ..quantizer import codebook_usage
-from ..rate import bits_per_pixel
+from ...quantizer import codebook_usage
+from ...rate import bits_per_pixel
 
 __all__ = ["codebook_stats", "entropy_bpp", "nominal_bpp", "real_bpp"]
 

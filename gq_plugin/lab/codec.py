@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .tokens import TokenHeader, load_tokens, real_bpp, save_tokens
+from ..tokens import TokenHeader, load_tokens, real_bpp, save_tokens
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -30,7 +30,7 @@ def model_id(model_dir: str | os.PathLike) -> str:
 
 def load_model(model_dir: str | os.PathLike):
     """A GQ-patched VAE from a ``save_pretrained`` dir (or a training checkpoint dir with ``vae/``)."""
-    from .adapters.diffusers_vae import gq_config, load_pretrained_gq_vae
+    from ..adapters.diffusers_vae import gq_config, load_pretrained_gq_vae
 
     d = Path(model_dir)
     vae_dir = d / "vae" if (d / "vae").is_dir() else d

@@ -1,6 +1,7 @@
 """Fused score+argmax kernels from ``csrc/`` (C++/OpenMP and CUDA), built on first use.
 
-Importing this module registers two search backends with :mod:`gq_plugin.search`:
+A leaf module: it imports nothing from gq_plugin. :mod:`gq_plugin.search` lists its two
+backends in its backend table:
 
 * ``"cpp"``  -- ``csrc/gq_search_cpu.cpp``: register-blocked SIMD micro-kernel, OpenMP over rows.
 * ``"cuda"`` -- ``csrc/gq_search_cuda_kernel.cu`` (+ ``gq_search_cuda.cpp`` binding): W tile in
@@ -31,8 +32,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-
-from . import search
+import warnings
 
 __all__ = [
     "argmax_ip_cpu",
@@ -53,7 +53,7 @@ _STATE: dict[str, tuple[bool, ModuleType | None]] = {}
 
 def source_dir() -> Path:
     """Directory holding the kernel sources (``gq_plugin/csrc`` when installed, else ``csrc/``)."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent  # gq_plugin/
     for cand in (here / "csrc", here.parent / "csrc"):
         if (cand / CPU_SOURCES[0]).is_file():
             return cand
@@ -147,7 +147,7 @@ def _load(kind: str) -> ModuleType | None:
                 msg = " ".join(str(exc).split())
                 if len(msg) > 160:
                     msg = msg[:157] + "..."
-                search.warn_fallback(f"{kind} kernel unavailable: {type(exc).__name__}: {msg}")
+                warn_fallback(f"{kind} kernel unavailable: {type(exc).__name__}: {msg}")
         _STATE[kind] = (mod is not None, mod)
         return mod
 
@@ -181,14 +181,16 @@ def argmax_ip_cpu(w: torch.Tensor, f: torch.Tensor, tile_n: int = 0, tile_k: int
 
 
 def argmax_ip_cuda(w: torch.Tensor, f: torch.Tensor, tile_n: int = 0, tile_k: int = 0) -> torch.Tensor:
-    """Fused CUDA kernel (D <= 64; larger D falls back to the tiled torch backend)."""
+    """Fused CUDA kernel (D <= 64 features per row; :mod:`gq_plugin.search` routes wider rows to torch)."""
     if w.shape[1] > 64:
-        return search._argmax_ip_torch(w, f, tile_n or search.DEFAULT_TILE_N, tile_k or search.DEFAULT_TILE_K)
+        raise ValueError(f"the cuda kernel takes at most 64 features per row, got {w.shape[1]}")
     mod = load_cuda()
     if mod is None:
         raise RuntimeError("gq_plugin cuda kernel is not available")
     return mod.argmax_ip(w.float().contiguous(), f.float().contiguous())
 
 
-search.register_backend("cpp", argmax_ip_cpu, cpu_available)
-search.register_backend("cuda", argmax_ip_cuda, cuda_available)
+
+def warn_fallback(reason: str) -> None:
+    """One-line warning used when a compiled backend cannot be used."""
+    warnings.warn(f"gq_plugin: falling back to the torch search backend ({reason})", RuntimeWarning, stacklevel=3)

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .rate import kl_bits_per_channel
+from ..rate import kl_bits_per_channel
 
 GAUSSIAN_BOTTLENECKS = ("gq", "kl")
 
@@ -50,7 +50,7 @@ def build_autoencoder_kl(model_cfg: dict) -> nn.Module:
     if pretrained:
         if not os.path.isdir(pretrained):
             raise ValueError(f"model.pretrained must be a local directory written by save_pretrained, got {pretrained!r}")
-        from .adapters.diffusers_vae import CONFIG_KEY, load_pretrained_gq_vae
+        from ..adapters.diffusers_vae import CONFIG_KEY, load_pretrained_gq_vae
 
         subfolder = model_cfg.get("subfolder")
         config_file = os.path.join(pretrained, subfolder or "", "config.json")
@@ -124,7 +124,7 @@ def gq_settings(quantizer_cfg: dict) -> dict:
 
 def build_model(cfg) -> tuple[nn.Module, nn.Module]:
     """``(vae, wrapper)`` for a recipe: the diffusers model and the module to train / evaluate."""
-    from .adapters import GQAutoencoderWrapper, is_patched, patch_autoencoder_kl
+    from ..adapters import GQAutoencoderWrapper, is_patched, patch_autoencoder_kl
 
     model_cfg = _as_dict(cfg["model"])
     qcfg = _as_dict(cfg["quantizer"])

@@ -52,10 +52,10 @@ DEFAULTS = {
 
 def recipes_dir() -> Path:
     """Directory of the bundled recipes."""
-    here = Path(__file__).resolve().parent / "recipes"
+    here = Path(__file__).resolve().parent.parent / "recipes"
     if here.is_dir():
         return here
-    return Path(__file__).resolve().parent.parent / "recipes"
+    return Path(__file__).resolve().parent.parent.parent / "recipes"
 
 
 def list_recipes() -> list[str]:

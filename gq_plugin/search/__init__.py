@@ -12,7 +12,7 @@ bounded by the tile size, not by ``N * K``.
 Backends (``GQ_SEARCH_BACKEND=torch|cpp|cuda`` forces one):
 
 * ``torch``: tiled ``torch.mm`` + running max, any device.
-* ``cpp`` / ``cuda``: the fused kernels in ``csrc/`` (see :mod:`gq_plugin.kernels`), used
+* ``cpp`` / ``cuda``: the fused kernels in ``csrc/`` (see :mod:`gq_plugin.search.kernels`), used
   automatically when they are built and the inputs live on a matching device.
 
 Everything runs in float32, also under ``torch.autocast``. Ties go to the smallest index
@@ -23,22 +23,56 @@ score (about ``1e-6 * |score|``) may be ordered differently from :func:`search_r
 
 from __future__ import annotations
 
-import math
 import os
-import warnings
 from typing import Callable
 
 import torch
 
-from .rate import LOGVAR_RANGE
+from ..rate import LOGVAR_RANGE
+from .reference import reference_scores, search_reference
+from .torch_backend import DEFAULT_TILE_K, DEFAULT_TILE_N, argmax_ip_torch
+
+__all__ = [
+    "DEFAULT_TILE_K",
+    "DEFAULT_TILE_N",
+    "argmax_inner_product",
+    "available_backends",
+    "codebook_features",
+    "gq_search",
+    "reference_scores",
+    "register_backend",
+    "row_features",
+    "search_reference",
+    "select_backend",
+]
 
 BackendFn = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
 
-DEFAULT_TILE_N = 2048
-DEFAULT_TILE_K = 8192
 
-_BACKENDS: dict[str, BackendFn] = {}
-_AVAILABLE: dict[str, Callable[[torch.device], bool]] = {}
+def _kernel(attr: str):
+    """A compiled-kernel entry of :mod:`.kernels`, imported on first use (the leaf module never
+    imports this package back)."""
+
+    def call(*args):
+        from . import kernels
+
+        return getattr(kernels, attr)(*args)
+
+    call.__name__ = attr
+    return call
+
+
+# The backend table, in one place: name -> (fn(W, F, tile_n, tile_k) -> (N,) int64, available(device)).
+_BACKENDS: dict[str, BackendFn] = {"torch": argmax_ip_torch, "cpp": _kernel("argmax_ip_cpu"), "cuda": _kernel("argmax_ip_cuda")}
+_AVAILABLE: dict[str, Callable[[torch.device], bool]] = {
+    "torch": lambda device: True,
+    "cpp": _kernel("cpu_available"),
+    "cuda": _kernel("cuda_available"),
+}
+# Preference order per device type: the first available one wins.
+PREFERENCE = {"cuda": ("cuda", "torch"), "cpu": ("cpp", "torch")}
+# The fused CUDA kernel holds a row's features in registers: rows wider than this use the torch backend.
+CUDA_MAX_FEATURES = 64
 
 
 def register_backend(name: str, fn: BackendFn, available: Callable[[torch.device], bool]) -> None:
@@ -53,24 +87,9 @@ def register_backend(name: str, fn: BackendFn, available: Callable[[torch.device
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Names of the backends that can run on ``device`` (compiled ones are loaded lazily)."""
-    _load_compiled_backends()
+    """Names of the backends that can run on ``device`` (compiled ones are built on first ask)."""
     device = torch.device(device)
     return [n for n, ok in _AVAILABLE.items() if ok(device)]
-
-
-_COMPILED_TRIED = False
-
-
-def _load_compiled_backends() -> None:
-    global _COMPILED_TRIED
-    if _COMPILED_TRIED:
-        return
-    _COMPILED_TRIED = True
-    try:
-        from . import kernels  # noqa: F401  (registers "cpp"/"cuda" when they build)
-    except ImportError:
-        pass
 
 
 def select_backend(device: torch.device | str, backend: str | None = None) -> str:
@@ -81,15 +100,13 @@ def select_backend(device: torch.device | str, backend: str | None = None) -> st
         requested = requested.lower()
         if requested == "auto":
             requested = None
-    _load_compiled_backends()
     if requested is not None:
         if requested not in _BACKENDS:
             raise ValueError(f"backend must be one of {sorted(_BACKENDS)} or 'auto', got {requested!r}")
         if not _AVAILABLE[requested](device):
             raise RuntimeError(f"search backend {requested!r} is not available for device {device}")
         return requested
-    preferred = ("cuda", "torch") if device.type == "cuda" else ("cpp", "torch")
-    for name in preferred:
+    for name in PREFERENCE.get(device.type, ("torch",)):
         if name in _BACKENDS and _AVAILABLE[name](device):
             return name
     return "torch"
@@ -109,36 +126,6 @@ def codebook_features(codebook: torch.Tensor) -> torch.Tensor:
     """``F = [c^2, c]``: (K, m) -> (K, 2m) float32."""
     c = codebook.float()
     return torch.cat([c.square(), c], dim=-1).contiguous()
-
-
-# --------------------------------------------------------------------------- torch backend
-
-
-def _argmax_ip_torch(w_all: torch.Tensor, f_all: torch.Tensor, tile_n: int, tile_k: int) -> torch.Tensor:
-    n_rows, k_total = w_all.shape[0], f_all.shape[0]
-    out = torch.empty(n_rows, dtype=torch.long, device=w_all.device)
-    f_t = f_all.t()
-    tile_n = min(tile_n, n_rows)
-    tile_k = min(tile_k, k_total)
-    buf = torch.empty(tile_n, tile_k, dtype=torch.float32, device=w_all.device)
-    for n0 in range(0, n_rows, tile_n):
-        w = w_all[n0 : n0 + tile_n]
-        n = w.shape[0]
-        best_v = torch.full((n,), -math.inf, dtype=torch.float32, device=w.device)
-        best_i = torch.zeros(n, dtype=torch.long, device=w.device)
-        for k0 in range(0, k_total, tile_k):
-            ft = f_t[:, k0 : k0 + tile_k]
-            s = buf[:n, : ft.shape[1]]
-            torch.mm(w, ft, out=s)
-            v, i = s.max(dim=1)
-            better = v > best_v  # strict: an earlier tile keeps ties
-            best_v = torch.where(better, v, best_v)
-            best_i = torch.where(better, i + k0, best_i)
-        out[n0 : n0 + n] = best_i
-    return out
-
-
-register_backend("torch", _argmax_ip_torch, lambda device: True)
 
 
 # --------------------------------------------------------------------------- public API
@@ -163,6 +150,8 @@ def argmax_inner_product(
     if w.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=w.device)
     name = select_backend(w.device, backend)
+    if name == "cuda" and w.shape[1] > CUDA_MAX_FEATURES:
+        name = "torch"
     with torch.autocast(device_type=w.device.type, enabled=False):
         return _BACKENDS[name](w.float().contiguous(), f.float().contiguous(), int(tile_n), int(tile_k))
 
@@ -190,39 +179,3 @@ def gq_search(
         w = row_features(mean, logvar, beta)
         f = codebook_features(codebook) if features is None else features
         return argmax_inner_product(w, f.to(w.device), backend=backend, tile_n=tile_n, tile_k=tile_k)
-
-
-# --------------------------------------------------------------------------- slow reference
-
-
-def reference_scores(
-    mean: torch.Tensor, logvar: torch.Tensor, codebook: torch.Tensor, beta: float = 1.0, chunk: int = 256
-) -> torch.Tensor:
-    """Exact scores ``log N(c; mu, sigma^2) - beta log N(c; 0, I)`` in float64, (N, K).
-
-    The direct log-density formula, materialising (chunk, K, m): slow and memory hungry.
-    For tests and benchmarks only.
-    """
-    mu = mean.detach().double()
-    lv = logvar.detach().double().clamp(*LOGVAR_RANGE)
-    cb = codebook.detach().double().to(mu.device)
-    log2pi = math.log(2 * math.pi)
-    prior = (-0.5 * (cb.square() + log2pi)).sum(-1)  # (K,)
-    out = torch.empty(mu.shape[0], cb.shape[0], dtype=torch.float64, device=mu.device)
-    for s in range(0, mu.shape[0], chunk):
-        m_, l_ = mu[s : s + chunk, None, :], lv[s : s + chunk, None, :]
-        logq = -0.5 * ((cb[None] - m_).square() * torch.exp(-l_) + l_ + log2pi)
-        out[s : s + chunk] = logq.sum(-1) - beta * prior
-    return out
-
-
-def search_reference(
-    mean: torch.Tensor, logvar: torch.Tensor, codebook: torch.Tensor, beta: float = 1.0, chunk: int = 256
-) -> torch.Tensor:
-    """Slow exact (float64) GQ search by the direct formula; for tests and benchmarks only."""
-    return reference_scores(mean, logvar, codebook, beta, chunk).argmax(dim=1)
-
-
-def warn_fallback(reason: str) -> None:
-    """One-line warning used when a compiled backend cannot be used."""
-    warnings.warn(f"gq_plugin: falling back to the torch search backend ({reason})", RuntimeWarning, stacklevel=3)

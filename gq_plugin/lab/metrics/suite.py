@@ -36,7 +36,7 @@ class MetricSuite:
     Args:
         lpips_nets: LPIPS variants to report (``"alex"``, ``"vgg"``); empty to skip.
         ssim / ms_ssim: report SSIM / MS-SSIM (MS-SSIM is NaN below 161 px; see
-            :mod:`gq_plugin.metrics.image`).
+            :mod:`gq_plugin.lab.metrics.image`).
         distribution: report ``FD-EffNetLite0`` and ``KID-EffNetLite0``.
         features / feature_name: another frozen feature extractor (``[-1, 1]`` NCHW images ->
             ``(N, D)``) for the distribution metrics, reported as ``FD-<feature_name>`` /

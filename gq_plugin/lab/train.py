@@ -1,7 +1,7 @@
 """Fine-tune a Gaussian VAE with TDC (or a baseline bottleneck) under Hugging Face accelerate.
 
 One process or many: ``gq train recipe.yaml`` runs on one CPU/GPU; ``accelerate launch
-[--multi_gpu|--cpu] --num_processes N -m gq_plugin.cli train recipe.yaml`` runs DDP. The
+[--multi_gpu|--cpu] --num_processes N -m gq_plugin.lab.cli train recipe.yaml`` runs DDP. The
 encode -> bottleneck -> decode path goes through the wrapper's ``forward`` so DDP synchronises
 every gradient (the diffusers example's ``unwrap_model(vae).encode`` pitfall is avoided), and the
 TDC multipliers are stepped once per autoencoder optimizer step with all-reduced statistics, so

@@ -1,0 +1,5 @@
+import sys
+
+from .photos import fetch_main
+
+sys.exit(fetch_main())
