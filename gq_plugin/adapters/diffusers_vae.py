@@ -139,7 +139,7 @@ def patch_autoencoder_kl(vae, K: int = 2**16, m: int | None = None, **gq_kwargs)
             cfg[k] = v
         else:
             warnings.warn(f"GQ option {k}={v!r} is not JSON-serialisable and will not be saved in the model config", stacklevel=2)
-    _patch.install(vae, quantizer, _METHODS)
+    _patch.install(vae, "diffusers", methods=_METHODS, attrs={_patch.QUANTIZER_ATTR: quantizer})
     vae.register_to_config(**{CONFIG_KEY: cfg})
     return vae
 
@@ -158,7 +158,7 @@ def patch_sd3_vae(vae, K: int = 2**16, m: int = 16, **gq_kwargs):
 
 def unpatch(vae):
     """Restore the original ``AutoencoderKL`` behaviour; returns the removed quantizer."""
-    quantizer = _patch.uninstall(vae)
+    quantizer = _patch.uninstall(vae, "diffusers")
     internal = getattr(vae, "_internal_dict", None)
     if internal is not None and CONFIG_KEY in internal:
         vae._internal_dict = FrozenDict({k: v for k, v in internal.items() if k != CONFIG_KEY})

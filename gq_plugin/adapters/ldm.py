@@ -90,5 +90,10 @@ def patch_ldm_autoencoder(model, K: int = 2**16, m: int | None = None, **gq_kwar
     ref = next(iter(model.quant_conv.parameters()), None) if hasattr(model.quant_conv, "parameters") else None
     if ref is not None:
         quantizer.to(ref.device)
-    _patch.install(model, quantizer, _METHODS)
+    _patch.install(model, "ldm", methods=_METHODS, attrs={_patch.QUANTIZER_ATTR: quantizer})
     return model
+
+
+def unpatch_ldm_autoencoder(model):
+    """Undo :func:`patch_ldm_autoencoder`; returns the removed quantizer."""
+    return _patch.uninstall(model, "ldm")
