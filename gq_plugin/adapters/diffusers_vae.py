@@ -37,7 +37,7 @@ except ImportError as e:  # pragma: no cover - exercised only without diffusers
 from ..codebook import divisors
 from ..quantizer import GaussianQuantizer
 from . import _patch
-from ._posterior import GQPosteriorMixin
+from ._posterior import GQPosteriorMixin, from_host_layout, to_host_layout
 
 CONFIG_KEY = "gq"
 CONFIG_FORMAT = 1
@@ -74,12 +74,12 @@ def encode(self, x: torch.Tensor, return_dict: bool = True):
 def encode_indices(self, x: torch.Tensor) -> torch.Tensor:
     """GQ indices ``(B, latent_channels / m, h, w)`` (int64) of images ``x``."""
     moments = _patch.original(self, "encode")(x, return_dict=True).latent_dist.parameters
-    return self.gq_quantizer.encode_indices(moments)
+    return to_host_layout(self.gq_quantizer.encode_indices(moments))
 
 
 def decode_indices(self, indices: torch.Tensor, return_dict: bool = True):
     """Decode GQ indices: ``decode(codebook[indices])``."""
-    z = self.gq_quantizer.dequant(indices).to(self.dtype)
+    z = self.gq_quantizer.dequant(from_host_layout(indices)).to(self.dtype)
     return self.decode(z, return_dict=return_dict)
 
 

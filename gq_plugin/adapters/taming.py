@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..codebook import ungroup_channels
 from ..quantizer import GaussianQuantizer
 from . import _patch
 
@@ -63,8 +64,7 @@ class GaussianVectorQuantizer(nn.Module):
     def codebook(self) -> torch.Tensor:
         return self.gq.codebook
 
-    def _index_layout(self, idx: torch.Tensor) -> torch.Tensor:
-        idx = idx.permute(0, 2, 3, 1)  # (B, H, W, G)
+    def _index_layout(self, idx: torch.Tensor) -> torch.Tensor:  # core (B, H, W, G) -> taming
         if self.sane_index_shape:
             return idx[..., 0] if self.gq.num_codebooks == 1 else idx
         return idx.reshape(-1)
@@ -86,11 +86,10 @@ class GaussianVectorQuantizer(nn.Module):
         g = self.gq.num_codebooks
         if shape is not None:
             b, h, w = int(shape[0]), int(shape[1]), int(shape[2])
-            return self.gq.dequant(indices.reshape(b, h, w, g).permute(0, 3, 1, 2))
+            return self.gq.dequant(indices.reshape(b, h, w, g))
         lead = indices.shape if g == 1 else indices.shape[:-1]
-        flat = indices.reshape(-1, g)  # (N, G)
-        codes = self.gq.dequant(flat.T.reshape(1, g, -1, 1))  # (1, C, N, 1)
-        return codes[0, :, :, 0].T.reshape(*lead, self.e_dim)
+        codes = self.gq.get_codes_from_indices(indices.reshape(1, 1, -1, g))  # (1, 1, N, G, m)
+        return ungroup_channels(codes, self.gq.grouping).reshape(*lead, self.e_dim)
 
     def embed_code(self, indices: torch.Tensor, shape=None) -> torch.Tensor:
         """For ``VQModel.decode_code``: ``(B, H, W[, G])`` indices -> ``(B, C, H, W)``."""
