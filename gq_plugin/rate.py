@@ -23,6 +23,16 @@ LN2 = math.log(2.0)
 LOGVAR_RANGE = (-30.0, 20.0)
 
 
+def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The reparameterised sample ``mean + exp(logvar / 2) * eps``, ``eps ~ N(0, I)`` (differentiable
+    in ``mean`` and ``logvar``; ``generator`` makes ``eps`` reproducible). Computed in float32 or
+    wider, returned in ``mean``'s dtype."""
+    dtype = torch.promote_types(mean.dtype, torch.float32)
+    m, lv = mean.to(dtype), logvar.to(dtype)
+    eps = torch.randn(m.shape, generator=generator, device=m.device, dtype=dtype)
+    return (m + torch.exp(0.5 * lv) * eps).to(mean.dtype)
+
+
 def kl_bits_per_channel(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL( N(mean, exp(logvar)) || N(0, 1) ) per element, in bits (float32 or wider)."""
     if mean.shape != logvar.shape:
@@ -58,6 +68,13 @@ def bits_per_pixel(num_codebooks: int, codebook_size: int, pixels_per_token: int
     if pixels_per_token <= 0:
         raise ValueError(f"pixels_per_token must be positive, got {pixels_per_token}")
     return bits_per_token(num_codebooks, codebook_size) / pixels_per_token
+
+
+def real_bpp(num_bytes: int, num_pixels: int) -> float:
+    """Actual bits per pixel of a stored / compressed stream: ``8 * num_bytes / num_pixels``."""
+    if num_pixels <= 0:
+        raise ValueError(f"num_pixels must be positive, got {num_pixels}")
+    return 8.0 * num_bytes / num_pixels
 
 
 @dataclass
@@ -113,21 +130,89 @@ def rate_statistics(
 # --------------------------------------------------------------------------- recommendation
 
 
+#: The paper's operating range: 0.5 to 4 bits per channel, K <= 2**18 (search cost grows with K * m).
+BITS_PER_CHANNEL_RANGE = (0.5, 4.0)
+MAX_RECOMMENDED_LOG2_K = 18
+
+
 @dataclass
 class CodebookOption:
-    """One candidate ``(K, m)`` for a model, with its predicted cost."""
+    """One candidate ``(K, m)`` for a model: what it costs and, when measured by
+    :func:`recommend_codebook`, what it predicts (the measured fields are NaN otherwise)."""
 
     codebook_dim: int
     log2_codebook_size: int
     num_codebooks: int
     bits_per_token: float
-    mean_group_rate: float
-    frac_over_budget: float  # share of groups with R_g > log2 K + tolerance
-    mean_excess_bits: float  # E[max(R_g - log2 K, 0)]: information GQ must throw away
+    mean_group_rate: float = math.nan
+    frac_over_budget: float = math.nan  # share of groups with R_g > log2 K + tolerance
+    mean_excess_bits: float = math.nan  # E[max(R_g - log2 K, 0)]: information GQ must throw away
+    pixels_per_token: int | None = None
+    tokens_per_image: int | None = None
 
     @property
     def codebook_size(self) -> int:
         return 2**self.log2_codebook_size
+
+    @property
+    def bits_per_channel(self) -> float:
+        return self.log2_codebook_size / self.codebook_dim
+
+    @property
+    def bpp(self) -> float | None:
+        return None if self.pixels_per_token is None else self.bits_per_token / self.pixels_per_token
+
+    @property
+    def bits_per_image(self) -> float | None:
+        return None if self.tokens_per_image is None else self.bits_per_token * self.tokens_per_image
+
+    @property
+    def recommended(self) -> bool:
+        """Inside the paper's operating range (:data:`BITS_PER_CHANNEL_RANGE`, ``K <= 2**18``)."""
+        lo, hi = BITS_PER_CHANNEL_RANGE
+        return lo <= self.bits_per_channel <= hi and self.log2_codebook_size <= MAX_RECOMMENDED_LOG2_K
+
+    @property
+    def note(self) -> str:
+        if self.bits_per_channel > BITS_PER_CHANNEL_RANGE[1]:
+            return "many bits per channel: a larger m is usually better at this rate"
+        if self.bits_per_channel < BITS_PER_CHANNEL_RANGE[0]:
+            return "under 0.5 bit per channel: expect a large TDC fine-tune / quality loss"
+        return ""
+
+
+def _g(v) -> str:
+    return "n/a" if v is None else f"{v:g}"
+
+
+class CodebookOptions(list):
+    """A list of :class:`CodebookOption` with a Markdown :meth:`table`."""
+
+    def table(self, only_recommended: bool = False) -> str:
+        rows = ["| m | K | codebooks/token | bits/token | bits/channel | bpp | bits/image | recommended | note |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for o in self:
+            if only_recommended and not o.recommended:
+                continue
+            rows.append(f"| {o.codebook_dim} | 2^{o.log2_codebook_size} | {o.num_codebooks} | {o.bits_per_token:g} | "
+                        f"{o.bits_per_channel:g} | {_g(o.bpp)} | {_g(o.bits_per_image)} | "
+                        f"{'yes' if o.recommended else 'no'} | {o.note} |")
+        return "\n".join(rows)
+
+
+def codebook_options(channels: int, log2_codebook_sizes=(8, 10, 12, 14, 16, 18), pixels_per_token: int | None = None,
+                     tokens_per_image: int | None = None) -> CodebookOptions:
+    """Every ``(K = 2**k, m)`` for ``m`` dividing ``channels`` and ``k`` in ``log2_codebook_sizes``,
+    with its rates (bits per token / channel, and bpp / bits per image when ``pixels_per_token`` /
+    ``tokens_per_image`` are given), sorted by bpp then larger ``m`` (at equal bits the paper's
+    ablation favours larger ``m``). A static table; :func:`recommend_codebook` chooses from measured rates."""
+    out = CodebookOptions(
+        CodebookOption(m, int(k), channels // m, channels // m * int(k), pixels_per_token=pixels_per_token,
+                       tokens_per_image=tokens_per_image)
+        for m in divisors(channels) for k in log2_codebook_sizes
+    )
+    out.sort(key=lambda o: (o.bits_per_token, -o.codebook_dim))
+    return out
 
 
 @dataclass

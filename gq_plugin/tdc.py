@@ -21,7 +21,9 @@ same multipliers, and the update happens on-device without host syncs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -30,14 +32,82 @@ from torch import nn
 from .rate import RateStats, rate_statistics
 
 
+def _pair(name: str, value) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a (low, high) pair of numbers, got {value!r}") from None
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class TDCSettings:
+    """The TDC settings: the single source of their names, defaults and validation.
+
+    Args:
+        tolerance: ``alpha``, half-width of the band around ``log2 K``, in bits.
+        lam_factor: ``1 + eps``; the multipliers move by this factor per :meth:`~TargetDivergenceConstraint.step`.
+        lam_max_range / lam_min_range / lam_global_range: clamps of the multipliers.
+
+    Serialise with :meth:`as_dict` (JSON-able); rebuild with :meth:`from_dict`, which names an
+    unknown key or a bad value in a ``ValueError``. To add a setting, add a field here (with its
+    default and its check in ``__post_init__``); every serialisation, recipe validation and
+    quantizer keyword follows.
+    """
+
+    tolerance: float = 0.5
+    lam_factor: float = 1.01
+    lam_max_range: tuple[float, float] = (1.0, 1000.0)
+    lam_min_range: tuple[float, float] = (1e-3, 1.0)
+    lam_global_range: tuple[float, float] = (1e-3, 1e3)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise in place once
+        for name in ("tolerance", "lam_factor"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{name} must be a number, got {v!r}")
+            set_(self, name, float(v))
+        if not self.tolerance >= 0 or not math.isfinite(self.tolerance):
+            raise ValueError(f"tolerance must be finite and >= 0, got {self.tolerance}")
+        if not self.lam_factor > 1.0 or not math.isfinite(self.lam_factor):
+            raise ValueError(f"lam_factor must be finite and > 1 (eps = lam_factor - 1 > 0), got {self.lam_factor}")
+        for name in ("lam_max_range", "lam_min_range", "lam_global_range"):
+            lo, hi = _pair(name, getattr(self, name))
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")
+            set_(self, name, (lo, hi))
+
+    @property
+    def eps(self) -> float:
+        """The multiplicative step ``lam_factor - 1``."""
+        return self.lam_factor - 1.0
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def as_dict(self) -> dict:
+        """JSON-able dict (pairs as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TDCSettings:
+        """Settings from a dict of field names (``ValueError`` naming any unknown key)."""
+        unknown = sorted(set(d) - set(cls.names()))
+        if unknown:
+            raise ValueError(f"unknown TDC setting(s) {unknown}; valid: {list(cls.names())}")
+        return cls(**d)
+
+
 class TargetDivergenceConstraint(nn.Module):
     """Adaptive rate constraint on per-group rates (bits).
 
     Args:
         target_bits: ``T``, normally ``log2(codebook_size)``.
-        tolerance: ``alpha``, half-width of the band in bits.
-        eps: multiplicative step; multipliers move by ``(1 + eps)`` per :meth:`step`.
-        lam_max_range / lam_min_range / lam_global_range: clamps of the multipliers.
+        tolerance, eps, and the :class:`TDCSettings` fields as keywords (``lam_max_range``, ...):
+            override ``settings`` (default :class:`TDCSettings()`); ``eps`` is ``lam_factor - 1``.
+        settings: a :class:`TDCSettings`.
         auto_step: if True, every forward with gradients enabled in training mode also calls
             :meth:`step` (convenient for loops you cannot edit, e.g. a diffusers training
             script). If False (recommended in your own loop), call :meth:`step` once after
@@ -49,30 +119,27 @@ class TargetDivergenceConstraint(nn.Module):
     def __init__(
         self,
         target_bits: float,
-        tolerance: float = 0.5,
-        eps: float = 0.01,
-        lam_max_range: tuple[float, float] = (1.0, 1000.0),
-        lam_min_range: tuple[float, float] = (1e-3, 1.0),
-        lam_global_range: tuple[float, float] = (1e-3, 1e3),
+        tolerance: float | None = None,
+        eps: float | None = None,
+        *,
+        settings: TDCSettings | None = None,
         auto_step: bool = True,
         sync_distributed: bool = True,
+        **fields,
     ) -> None:
         super().__init__()
         if not math.isfinite(target_bits) or target_bits <= 0:
             raise ValueError(f"target_bits must be a positive finite number, got {target_bits}")
-        if not tolerance >= 0:
-            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        for name, (lo, hi) in (("lam_max_range", lam_max_range), ("lam_min_range", lam_min_range), ("lam_global_range", lam_global_range)):
-            if not 0 < lo <= hi:
-                raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")
+        if tolerance is not None:
+            fields["tolerance"] = tolerance
+        if eps is not None:
+            if not eps > 0:
+                raise ValueError(f"eps must be > 0, got {eps}")
+            fields["lam_factor"] = 1.0 + eps
+        base = settings if settings is not None else TDCSettings()
+        # the given fields override ``settings``; from_dict validates names and values
+        self.settings = TDCSettings.from_dict({**base.as_dict(), **fields}) if fields else base
         self.target_bits = float(target_bits)
-        self.tolerance = float(tolerance)
-        self.eps = float(eps)
-        self.lam_max_range = tuple(map(float, lam_max_range))
-        self.lam_min_range = tuple(map(float, lam_min_range))
-        self.lam_global_range = tuple(map(float, lam_global_range))
         self.auto_step = auto_step
         self.sync_distributed = sync_distributed
         self.register_buffer("lam_global", torch.ones(()))
@@ -82,6 +149,13 @@ class TargetDivergenceConstraint(nn.Module):
         # Pending statistics since the last step(): [sum, count, min, max] (float64).
         self._pending: torch.Tensor | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
+
+    # the settings, read where the math needs them
+    tolerance = property(lambda self: self.settings.tolerance)
+    eps = property(lambda self: self.settings.eps)
+    lam_max_range = property(lambda self: self.settings.lam_max_range)
+    lam_min_range = property(lambda self: self.settings.lam_min_range)
+    lam_global_range = property(lambda self: self.settings.lam_global_range)
 
     def extra_repr(self) -> str:
         return f"target_bits={self.target_bits}, tolerance={self.tolerance}, eps={self.eps}, auto_step={self.auto_step}"
@@ -164,7 +238,7 @@ class TargetDivergenceConstraint(nn.Module):
         p = self._reduced_pending()
         self._pending = None
         mean, rmin, rmax = p[0] / p[1], p[2], p[3]
-        up = 1.0 + self.eps
+        up = self.settings.lam_factor
         t, a = self.target_bits, self.tolerance
         dev = self.lam_global.device
         f_global = torch.where(mean > t, up, 1.0 / up).to(dev, torch.float32)

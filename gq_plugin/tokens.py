@@ -91,12 +91,16 @@ class TokenHeader:
     def bits(self) -> int:
         return bits_per_index(self.codebook_size)
 
-    def nominal_bpp(self) -> float | None:
-        """``n * log2 K / pixels`` (None if the image size is unknown)."""
+    @property
+    def num_pixels(self) -> int | None:
+        """Decoded pixels of the whole batch (None if the image size is unknown)."""
         if not self.image_size:
             return None
-        batch = self.shape[0] if self.shape else 1
-        return self.num_indices * math.log2(self.codebook_size) / (batch * self.image_size[0] * self.image_size[1])
+        return (self.shape[0] if self.shape else 1) * self.image_size[0] * self.image_size[1]
+
+    def nominal_bpp(self) -> float | None:
+        """``n * log2 K / pixels`` (None if the image size is unknown)."""
+        return None if self.num_pixels is None else self.num_indices * math.log2(self.codebook_size) / self.num_pixels
 
     def check_compatible(self, quantizer) -> None:
         """Raise ``ValueError`` naming every setting where the file and ``quantizer`` differ."""
@@ -267,11 +271,3 @@ def load_tokens(file: str | os.PathLike | BinaryIO) -> tuple[torch.Tensor, Token
     else:
         data = file.read() if not isinstance(file, io.BytesIO) else file.getvalue()
     return loads(data)
-
-
-def real_bpp(num_bytes: int, header: TokenHeader) -> float | None:
-    """File size in bits per decoded pixel (None if the header has no image size)."""
-    if not header.image_size:
-        return None
-    batch = header.shape[0] if header.shape else 1
-    return num_bytes * 8 / (batch * header.image_size[0] * header.image_size[1])

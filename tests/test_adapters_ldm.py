@@ -49,13 +49,20 @@ def test_eval_gq_and_indices():
 def test_state_dict_and_unpatch():
     model = LdmAutoencoderKL()
     keys = set(model.state_dict())
-    adapters.patch_ldm_autoencoder(model, K=2**6)
+    adapters.patch_ldm_autoencoder(model, K=2**6, tolerance=0.25, tdc_auto_step=False)
     sd = model.state_dict()
     assert {"gq_quantizer.tdc.lam_global", "gq_quantizer.codebook_fingerprint"} <= set(sd)
     settings = adapters.gq_settings_from_state_dict(sd)
-    assert settings == {"K": 2**6, "m": 4, "grouping": "contiguous", "codebook": "sobol", "seed": 42, "beta": 1.0}
+    expected = {"K": 2**6, "m": 4, "grouping": "contiguous", "codebook": "sobol", "seed": 42, "beta": 1.0,
+                "tolerance": 0.25, "tdc_auto_step": False}
+    assert {k: settings[k] for k in expected} == expected  # the TDC and runtime settings come back too
     other = adapters.patch_ldm_autoencoder(LdmAutoencoderKL(), **settings)
     other.load_state_dict(sd)
+    assert other.gq_quantizer.settings == model.gq_quantizer.settings
+    # a checkpoint of gq-plugin <= 0.1 (int64 buffer: K, m, grouping, kind, seed, dim, beta bits)
+    legacy = dict(sd, **{"gq_quantizer.gq_config": torch.tensor([64, 4, 0, 0, 42, 4, 4607182418800017408])})
+    assert adapters.gq_settings_from_state_dict(legacy) == {"K": 64, "m": 4, "grouping": "contiguous", "codebook": "sobol",
+                                                            "seed": 42, "beta": 1.0}
     adapters.unpatch(model)
     assert set(model.state_dict()) == keys and not hasattr(model, "gq_quantizer")
     assert type(model.encode(torch.rand(1, 3, 8, 8))).__name__ == "LdmDiagonalGaussianDistribution"

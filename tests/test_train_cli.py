@@ -184,3 +184,16 @@ def test_two_process_accelerate_ranks_stay_identical(photo_dir, tmp_path):
         assert torch.equal(r0[k], r1[k]), k
     assert r0["gq_quantizer.tdc.num_steps"].item() == 3
     assert r0["gq_quantizer.tdc.lam_global"].item() != 1.0
+
+
+def test_vanilla_kl_training_logs_group_rates(tmp_path, photo_dir):
+    """The vanilla (quantizer.name=kl) trainer logs the rates it computes (last_rates was never read)."""
+    out = tmp_path / "kl"
+    recipe = write_recipe(tmp_path / "kl.yaml", photo_dir, out, quantizer={"name": "kl", "weight": 1e-6},
+                          train={"steps": 2, "log_every": 1, "ckpt_every": 0}, loss={"lpips": 0.0})
+    assert gq_main(["train", str(recipe), "--quiet"]) == 0
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in logs] == [1, 2]
+    for e in logs:
+        assert 0 < e["bits-min"] <= e["bits-mean"] <= e["bits-max"]
+    assert (out / "rates_hist.png").stat().st_size > 1000

@@ -55,7 +55,7 @@ HOSTS: dict[str, Host] = {
     "diffusers": Host(
         "diffusers_vae", "patch_autoencoder_kl", "unpatch",
         ("patch_sd3_vae", "patch_autoencoder_kl", "load_pretrained_gq_vae", "patch_from_config", "suggest_gq_settings",
-         "GQDiagonalGaussianDistribution", "GQSetting"),
+         "GQDiagonalGaussianDistribution"),
     ),
     "ldm": Host("ldm", "patch_ldm_autoencoder", "unpatch_ldm_autoencoder", ("patch_ldm_autoencoder",)),
     "taming": Host(

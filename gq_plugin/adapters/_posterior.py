@@ -33,6 +33,8 @@ import math
 
 import torch
 
+from ..rate import LOGVAR_RANGE, reparameterize
+
 
 def to_host_layout(core: torch.Tensor) -> torch.Tensor:
     """Core ``(B, h, w, G)`` -> channel-first host ``(B, G, h, w)`` (indices or rates)."""
@@ -125,7 +127,7 @@ class GQPosteriorMixin:
 class GQDiagonalGaussian(GQPosteriorMixin):
     """Posterior with the interface of ldm's / sgm's ``DiagonalGaussianDistribution``.
 
-    Attributes ``parameters`` (the 2C moments), ``mean``, ``logvar`` (clamped to [-30, 20]),
+    Attributes ``parameters`` (the 2C moments), ``mean``, ``logvar`` (clamped to ``LOGVAR_RANGE`` = [-30, 20], as ldm),
     ``std``, ``var``, ``deterministic``; methods ``sample()``, ``mode()``, ``kl(other=None)``,
     ``nll(sample, dims=[1, 2, 3])``, plus the GQ extras (``indices``, ``z_hat``, ``rates()``).
     """
@@ -133,7 +135,7 @@ class GQDiagonalGaussian(GQPosteriorMixin):
     def __init__(self, parameters: torch.Tensor, quantizer, deterministic: bool = False) -> None:
         self.parameters = parameters
         self.mean, self.logvar = torch.chunk(parameters, 2, dim=1)
-        self.logvar = torch.clamp(self.logvar, -30.0, 20.0)
+        self.logvar = torch.clamp(self.logvar, *LOGVAR_RANGE)
         self.deterministic = deterministic
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
@@ -142,8 +144,7 @@ class GQDiagonalGaussian(GQPosteriorMixin):
         self._gq_init(quantizer)
 
     def _gaussian_sample(self, generator=None):
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps
+        return self.mean if self.deterministic else reparameterize(self.mean, self.logvar, generator)
 
     def _gaussian_kl(self, other):
         return 0.5 * torch.sum(

@@ -22,7 +22,6 @@ import json
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 
 import torch
 
@@ -34,13 +33,12 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without diffusers
     raise ImportError("gq_plugin.adapters.diffusers_vae needs diffusers: pip install 'gq-plugin[diffusers]'") from e
 
-from ..codebook import divisors
-from ..quantizer import GaussianQuantizer
+from ..quantizer import GaussianQuantizer, GQConfig
+from ..rate import CodebookOptions, codebook_options
 from . import _patch
 from ._posterior import GQPosteriorMixin, from_host_layout, to_host_layout
 
 CONFIG_KEY = "gq"
-CONFIG_FORMAT = 1
 _RESERVED = ("dim", "accept_image_fmap", "channel_last")
 
 
@@ -89,14 +87,6 @@ _METHODS = {"encode": encode, "encode_indices": encode_indices, "decode_indices"
 # --------------------------------------------------------------------------- patch / unpatch
 
 
-def _jsonable(value) -> bool:
-    try:
-        json.dumps(value)
-        return True
-    except TypeError:
-        return False
-
-
 def _latent_channels(vae) -> int:
     try:
         return int(vae.config.latent_channels)
@@ -128,19 +118,8 @@ def patch_autoencoder_kl(vae, K: int = 2**16, m: int | None = None, **gq_kwargs)
         quantizer.to(vae.device)
     except AttributeError:
         pass
-    cfg = {"format": CONFIG_FORMAT}
-    cfg.update({k: v for k, v in quantizer.config().items() if k != "dim"})
-    for k, v in gq_kwargs.items():
-        if k in cfg:
-            continue
-        if isinstance(v, tuple):
-            v = list(v)
-        if _jsonable(v):
-            cfg[k] = v
-        else:
-            warnings.warn(f"GQ option {k}={v!r} is not JSON-serialisable and will not be saved in the model config", stacklevel=2)
     _patch.install(vae, "diffusers", methods=_METHODS, attrs={_patch.QUANTIZER_ATTR: quantizer})
-    vae.register_to_config(**{CONFIG_KEY: cfg})
+    vae.register_to_config(**{CONFIG_KEY: quantizer.settings.to_dict()})  # the one serialisation (GQConfig)
     return vae
 
 
@@ -174,23 +153,21 @@ def gq_config(vae) -> dict | None:
 def patch_from_config(vae, config: dict | None = None):
     """Re-apply the GQ patch described by ``vae.config["gq"]`` (e.g. after ``from_pretrained``).
 
-    Only the settings are restored here; TDC multipliers come from the weights
-    (:func:`load_pretrained_gq_vae` does both).
+    ``config`` is :meth:`GQConfig.to_dict` output (or the flat format-1 dict of gq-plugin <= 0.1),
+    validated by :meth:`GQConfig.from_dict`. Only the settings are restored here; TDC multipliers
+    come from the weights (:func:`load_pretrained_gq_vae` does both).
     """
     cfg = dict(config if config is not None else (gq_config(vae) or {}))
     if not cfg:
         raise ValueError(f"no '{CONFIG_KEY}' entry in the model config: this checkpoint was not saved from a GQ-patched VAE")
-    fmt = cfg.pop("format", CONFIG_FORMAT)
-    if fmt > CONFIG_FORMAT:
-        raise ValueError(f"GQ config format {fmt} is newer than this gq-plugin understands ({CONFIG_FORMAT})")
-    K = cfg.pop("codebook_size")
-    m = cfg.pop("codebook_dim")
-    for k in ("lam_max_range", "lam_min_range", "lam_global_range", "logvar_range"):
-        if k in cfg and isinstance(cfg[k], list):
-            cfg[k] = tuple(cfg[k])
+    channels = _latent_channels(vae)
+    cfg.setdefault("dim", channels)  # format 1 did not store it
+    settings = GQConfig.from_dict(cfg)
+    if settings.dim != channels:
+        raise ValueError(f"config['{CONFIG_KEY}'] is for {settings.dim} latent channels, this model has {channels}")
     if _patch.is_patched(vae):
         unpatch(vae)
-    return patch_autoencoder_kl(vae, K=K, m=m, **cfg)
+    return patch_autoencoder_kl(vae, **_patch.to_patch_kwargs(settings.flat()))
 
 
 @contextmanager
@@ -260,94 +237,16 @@ def load_pretrained_gq_vae(path: str, subfolder: str | None = None, variant: str
 # --------------------------------------------------------------------------- settings helper
 
 
-@dataclass
-class GQSetting:
-    """One ``(K, m)`` choice for a model and what it costs."""
-
-    codebook_dim: int  # m
-    log2_codebook_size: int
-    num_codebooks: int  # per latent position
-    bits_per_token: int
-    bits_per_channel: float
-    bpp: float
-    tokens_per_image: int
-    bits_per_image: int
-    recommended: bool
-    note: str
-
-    @property
-    def codebook_size(self) -> int:
-        return 2**self.log2_codebook_size
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d["codebook_size"] = self.codebook_size
-        return d
-
-
-class GQSettings(list):
-    """A list of :class:`GQSetting` with a Markdown :meth:`table`."""
-
-    def table(self, only_recommended: bool = False) -> str:
-        rows = [
-            "| m | K | codebooks/token | bits/token | bits/channel | bpp | bits/image | recommended | note |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for s in self:
-            if only_recommended and not s.recommended:
-                continue
-            rows.append(
-                f"| {s.codebook_dim} | 2^{s.log2_codebook_size} | {s.num_codebooks} | {s.bits_per_token} | "
-                f"{s.bits_per_channel:g} | {s.bpp:g} | {s.bits_per_image} | {'yes' if s.recommended else 'no'} | {s.note} |"
-            )
-        return "\n".join(rows)
-
-
-def suggest_gq_settings(vae, image_size: int = 256, log2_codebook_sizes=(8, 10, 12, 14, 16, 18)) -> GQSettings:
-    """List the ``(K, m)`` pairs for a diffusers ``AutoencoderKL`` (or its config) and their rates.
-
-    For every ``m`` dividing ``latent_channels`` and every ``K = 2**k`` in
-    ``log2_codebook_sizes``: bits per latent position (``C/m * log2 K``), bits per channel,
-    bits per pixel for the model's downsampling factor ``f = 2**(len(block_out_channels) - 1)``
-    and bits per ``image_size`` x ``image_size`` image. ``recommended`` marks the paper's operating
-    range: 0.5 to 4 bits per channel and ``K <= 2**18`` (search cost grows with ``K * m``). Sorted
-    by bpp, then by larger ``m`` (at equal bits the paper's ablation favours larger ``m``).
-    This is a static table; for a data-driven choice measure channel rates and use
-    :func:`gq_plugin.recommend_codebook`.
+def suggest_gq_settings(vae, image_size: int = 256, log2_codebook_sizes=(8, 10, 12, 14, 16, 18)) -> CodebookOptions:
+    """:func:`gq_plugin.rate.codebook_options` for a diffusers ``AutoencoderKL`` (or its config):
+    its ``latent_channels``, downsampling factor ``f = 2**(len(block_out_channels) - 1)`` and an
+    ``image_size`` x ``image_size`` image. For a choice from measured channel rates use
+    :func:`gq_plugin.recommend_codebook` (``gq diagnose``).
 
     >>> # SD3 (f8, 16 ch): m=16, K=2^16 -> 0.25 bpp; m=8 -> 0.5 bpp; m=4 -> 1.0 bpp
     """
     config = vae.config if hasattr(vae, "config") else vae
-    channels = int(config["latent_channels"])
     factor = 2 ** (len(config["block_out_channels"]) - 1)
     side = image_size // factor
-    tokens = side * side
-    out = GQSettings()
-    for m in divisors(channels):
-        for k in log2_codebook_sizes:
-            g = channels // m
-            bits = g * k
-            per_channel = k / m
-            ok = 0.5 <= per_channel <= 4.0 and k <= 18
-            if per_channel > 4.0:
-                note = "many bits per channel: a larger m is usually better at this rate"
-            elif per_channel < 0.5:
-                note = "under 0.5 bit per channel: expect a large TDC fine-tune / quality loss"
-            else:
-                note = ""
-            out.append(
-                GQSetting(
-                    codebook_dim=m,
-                    log2_codebook_size=k,
-                    num_codebooks=g,
-                    bits_per_token=bits,
-                    bits_per_channel=per_channel,
-                    bpp=bits / (factor * factor),
-                    tokens_per_image=tokens,
-                    bits_per_image=bits * tokens,
-                    recommended=ok,
-                    note=note,
-                )
-            )
-    out.sort(key=lambda s: (s.bpp, -s.codebook_dim))
-    return out
+    return codebook_options(int(config["latent_channels"]), log2_codebook_sizes, pixels_per_token=factor * factor,
+                            tokens_per_image=side * side)

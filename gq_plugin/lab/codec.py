@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..tokens import TokenHeader, load_tokens, real_bpp, save_tokens
+from ..rate import real_bpp
+from ..tokens import TokenHeader, load_tokens, save_tokens
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -92,7 +93,7 @@ def encode_files(model_dir, image_paths: list, out_file, size: int | None = 256)
     indices, header = encode_images(vae, x, model_id(model_dir))
     header.extra["sources"] = [Path(p).name for p in image_paths]
     nbytes = save_tokens(out_file, indices, header)
-    return {"file": str(out_file), "bytes": nbytes, "nominal_bpp": header.nominal_bpp(), "real_bpp": real_bpp(nbytes, header),
+    return {"file": str(out_file), "bytes": nbytes, "nominal_bpp": header.nominal_bpp(), "real_bpp": real_bpp(nbytes, header.num_pixels),
             "shape": list(indices.shape), "images": len(imgs)}
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from .config import load_config
-from .models import QuantizedAutoencoderWrapper, build_model, gq_settings, pixels_per_token
+from .config import gq_recipe_settings, load_config
+from .models import QuantizerBottleneck, build_model, pixels_per_token
 
 METRIC_ORDER = ("PSNR", "SSIM", "MS-SSIM", "LPIPS-alex", "FD-EffNetLite0", "KID-EffNetLite0")
 
@@ -37,8 +37,8 @@ def load_for_eval(cfg: DictConfig, ckpt: str | os.PathLike | None):
     vae, wrapper = build_model(cfg)
     converted = False
     q = cfg.quantizer
-    if not isinstance(wrapper, QuantizedAutoencoderWrapper) and not is_patched(vae):
-        gq = dict(gq_settings(q))
+    if not isinstance(wrapper.bottleneck, QuantizerBottleneck) and not is_patched(vae):
+        gq = gq_recipe_settings(q)
         eval_q = cfg.get("eval", {}).get("gq") or {}
         K = int(eval_q.get("codebook_size", q.get("codebook_size", 4096)))
         m = int(eval_q.get("codebook_dim", q.get("codebook_dim", vae.config.latent_channels)))
@@ -53,7 +53,7 @@ def load_for_eval(cfg: DictConfig, ckpt: str | os.PathLike | None):
 @torch.no_grad()
 def reconstruct(vae, wrapper, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{"continuous": ..., "quantized": ..., "indices": ..., "rates": ...}`` for a batch."""
-    if isinstance(wrapper, QuantizedAutoencoderWrapper):
+    if isinstance(wrapper.bottleneck, QuantizerBottleneck):
         posterior = vae.encode(x).latent_dist
         cont = vae.decode(posterior.mean).sample
         out = wrapper(x)
@@ -130,7 +130,7 @@ def evaluate(cfg, ckpt=None, out_dir=None, overrides: list[str] | None = None, p
     if all_rates:
         target = math.log2(K) if K else None
         plot_rate_histogram({"eval": torch.cat([t.reshape(-1) for t in all_rates])}, out_dir / "rates_hist.png", target=target,
-                            tolerance=float(cfg.quantizer.get("tolerance", 0.5)))
+                            tolerance=q.tdc.tolerance if hasattr(q, "tdc") else None)
     results["out_dir"] = str(out_dir)
     return results
 

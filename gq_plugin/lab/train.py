@@ -48,12 +48,12 @@ def _images(batch):
     return batch
 
 
-def _rates_of(out):
-    """Per-group rates of the batch's posterior (GQ posteriors), else None."""
+def _rates_of(out, wrapper=None):
+    """Per-group rates of the batch: the GQ posterior's, else the vanilla bottleneck's ``last_rates``."""
     post = out.posterior
     if callable(getattr(post, "rates", None)):
         return post.rates()
-    return None
+    return getattr(getattr(wrapper, "bottleneck", None), "last_rates", None)
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -189,7 +189,7 @@ def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = Non
         step += 1
         pbar.update(1)
         if step % log_every == 0 or step == steps:
-            rates = _rates_of(out)
+            rates = _rates_of(out, acc.unwrap_model(wrapper))
             last_rates = rates.detach().cpu() if rates is not None else last_rates
             entry = {"step": step, "loss": float(loss.detach()), "rec": float(rec.detach()), "reg": float(out.loss.detach())}
             entry.update({k: float(v) for k, v in logs.items()})
@@ -219,7 +219,8 @@ def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = Non
             from .plots import plot_rate_histogram
 
             target = math.log2(int(qcfg.codebook_size)) if qcfg.get("codebook_size") else None
-            plot_rate_histogram({qcfg.name: last_rates}, out_dir / "rates_hist.png", target=target, tolerance=float(qcfg.get("tolerance", 0.5)))
+            plot_rate_histogram({qcfg.name: last_rates}, out_dir / "rates_hist.png", target=target,
+                                tolerance=quantizer.tdc.tolerance if quantizer is not None else None)
     acc.wait_for_everyone()
     last_logs.update({"output_dir": str(out_dir), "checkpoint": str(final), "train_time_s": time.time() - t0})
     acc.end_training()
@@ -241,10 +242,10 @@ def save_checkpoint(acc, wrapper, opt, disc, opt_d, step: int, path: Path) -> Pa
             "rng": torch.get_rng_state(),
         }
         torch.save(state, path / "training_state.pt")
-        from .models import QUANTIZER_STATE, QuantizedAutoencoderWrapper
+        from .models import QUANTIZER_STATE, QuantizerBottleneck
 
         unwrapped = acc.unwrap_model(wrapper)
-        if isinstance(unwrapped, QuantizedAutoencoderWrapper):  # baseline codebook / projections live outside the VAE
+        if isinstance(unwrapped.bottleneck, QuantizerBottleneck):  # baseline codebook / projections live outside the VAE
             torch.save(unwrapped.quantizer.state_dict(), path / QUANTIZER_STATE)
     acc.wait_for_everyone()
     return path

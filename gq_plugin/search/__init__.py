@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_TILE_N",
     "argmax_inner_product",
     "available_backends",
+    "backend_names",
     "codebook_features",
     "gq_search",
     "reference_scores",
@@ -84,6 +85,11 @@ def register_backend(name: str, fn: BackendFn, available: Callable[[torch.device
     """
     _BACKENDS[name] = fn
     _AVAILABLE[name] = available
+
+
+def backend_names() -> list[str]:
+    """Every registered backend name (available on this machine or not)."""
+    return sorted(_BACKENDS)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
