@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .rate import RateStats, rate_statistics
+from .rate import DEFAULT_TOLERANCE, RateStats, rate_statistics
 
 
 def _pair(name: str, value) -> tuple[float, float]:
@@ -55,7 +55,7 @@ class TDCSettings:
     quantizer keyword follows.
     """
 
-    tolerance: float = 0.5
+    tolerance: float = DEFAULT_TOLERANCE
     lam_factor: float = 1.01
     lam_max_range: tuple[float, float] = (1.0, 1000.0)
     lam_min_range: tuple[float, float] = (1e-3, 1.0)
