@@ -1,6 +1,6 @@
 """``GaussianQuantizer``: a Gaussian-VAE bottleneck that becomes a VQ bottleneck in eval mode.
 
-One data path (DESIGN.md):
+One data path (docs/design.md, section 1; the layers and where to add a host or a backend: sections 2-3):
 
     encoder -> (mean, logvar) -> train: mean + sigma * eps, TDC loss
                               -> eval:  GQ search -> indices -> codebook lookup (z_hat)
@@ -455,6 +455,7 @@ class GaussianQuantizer(nn.Module):
                 features=self._codebook_features,
                 tile_n=self.tile_n,
                 tile_k=self.tile_k,
+                logvar_range=self.logvar_range,
             ).reshape(lead)
         z = cbm.ungroup_channels(self._codebook[idx], self.grouping)
         z_hat = self._from_channel_last(z, axis).to(mean.dtype)

@@ -1,6 +1,6 @@
 """Gaussian Quant search: ``argmax_k  log N(c_k; mu, sigma^2) - beta * log N(c_k; 0, I)``.
 
-Expanding the squares (DESIGN.md section 1), up to a per-row constant
+Expanding the squares (the data path in docs/design.md, section 1), up to a per-row constant
 
     s(c) = sum_j  a_j c_j^2 + b_j c_j,   a_j = (beta - 1/sigma_j^2) / 2,  b_j = mu_j / sigma_j^2
 
@@ -121,10 +121,12 @@ def select_backend(device: torch.device | str, backend: str | None = None) -> st
 # --------------------------------------------------------------------------- features
 
 
-def row_features(mean: torch.Tensor, logvar: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-    """``W = [(beta - 1/sigma^2)/2, mu/sigma^2]``: (N, m) x 2 -> (N, 2m) float32."""
+def row_features(mean: torch.Tensor, logvar: torch.Tensor, beta: float = 1.0,
+                 logvar_range: tuple[float, float] = LOGVAR_RANGE) -> torch.Tensor:
+    """``W = [(beta - 1/sigma^2)/2, mu/sigma^2]``: (N, m) x 2 -> (N, 2m) float32, with ``logvar``
+    clamped to ``logvar_range`` (pass the quantizer's own range)."""
     mean = mean.float()
-    inv_var = torch.exp(-logvar.float().clamp(*LOGVAR_RANGE))
+    inv_var = torch.exp(-logvar.float().clamp(*logvar_range))
     return torch.cat([0.5 * (beta - inv_var), mean * inv_var], dim=-1).contiguous()
 
 
@@ -171,17 +173,18 @@ def gq_search(
     features: torch.Tensor | None = None,
     tile_n: int = DEFAULT_TILE_N,
     tile_k: int = DEFAULT_TILE_K,
+    logvar_range: tuple[float, float] = LOGVAR_RANGE,
 ) -> torch.Tensor:
     """Indices (int64, shape (N,)) of the GQ codeword for each posterior row.
 
     ``mean`` and ``logvar`` are (N, m); ``codebook`` is (K, m). ``features`` may pass a
-    precomputed :func:`codebook_features` of the codebook.
+    precomputed :func:`codebook_features` of the codebook. ``logvar`` is clamped to ``logvar_range``.
     """
     if mean.ndim != 2 or mean.shape != logvar.shape:
         raise ValueError(f"mean and logvar must both be (N, m), got {tuple(mean.shape)} and {tuple(logvar.shape)}")
     if codebook.ndim != 2 or codebook.shape[1] != mean.shape[1]:
         raise ValueError(f"codebook must be (K, {mean.shape[1]}), got {tuple(codebook.shape)}")
     with torch.autocast(device_type=mean.device.type, enabled=False):
-        w = row_features(mean, logvar, beta)
+        w = row_features(mean, logvar, beta, logvar_range)
         f = codebook_features(codebook) if features is None else features
         return argmax_inner_product(w, f.to(w.device), backend=backend, tile_n=tile_n, tile_k=tile_k)

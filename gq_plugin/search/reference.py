@@ -10,7 +10,8 @@ from ..rate import LOGVAR_RANGE
 
 
 def reference_scores(
-    mean: torch.Tensor, logvar: torch.Tensor, codebook: torch.Tensor, beta: float = 1.0, chunk: int = 256
+    mean: torch.Tensor, logvar: torch.Tensor, codebook: torch.Tensor, beta: float = 1.0, chunk: int = 256,
+    logvar_range: tuple[float, float] = LOGVAR_RANGE,
 ) -> torch.Tensor:
     """Exact scores ``log N(c; mu, sigma^2) - beta log N(c; 0, I)`` in float64, (N, K).
 
@@ -18,7 +19,7 @@ def reference_scores(
     For tests and benchmarks only.
     """
     mu = mean.detach().double()
-    lv = logvar.detach().double().clamp(*LOGVAR_RANGE)
+    lv = logvar.detach().double().clamp(*logvar_range)
     cb = codebook.detach().double().to(mu.device)
     log2pi = math.log(2 * math.pi)
     prior = (-0.5 * (cb.square() + log2pi)).sum(-1)  # (K,)
@@ -31,7 +32,8 @@ def reference_scores(
 
 
 def search_reference(
-    mean: torch.Tensor, logvar: torch.Tensor, codebook: torch.Tensor, beta: float = 1.0, chunk: int = 256
+    mean: torch.Tensor, logvar: torch.Tensor, codebook: torch.Tensor, beta: float = 1.0, chunk: int = 256,
+    logvar_range: tuple[float, float] = LOGVAR_RANGE,
 ) -> torch.Tensor:
     """Slow exact (float64) GQ search by the direct formula; for tests and benchmarks only."""
-    return reference_scores(mean, logvar, codebook, beta, chunk).argmax(dim=1)
+    return reference_scores(mean, logvar, codebook, beta, chunk, logvar_range).argmax(dim=1)
