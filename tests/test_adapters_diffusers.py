@@ -16,35 +16,20 @@ from gq_plugin.rate import group_rates  # noqa: E402
 SD3_FULL = dict(block_out_channels=[128, 256, 512, 512], latent_channels=16)
 
 
-def tiny_sd3():
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=32,
-        sample_size=32,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+def _tiny_kl(seed, latent_channels, **extra):
+    """A small AutoencoderKL with SD's four-block layout (random init, seeded)."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=latent_channels,
+                         norm_num_groups=32, sample_size=32, **extra)
 
 
-def tiny_sd15():
-    torch.manual_seed(1)
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-        scaling_factor=0.18215,
-    )
+def tiny_sd3():  # SD3: 16 channels, no quant_conv
+    return _tiny_kl(0, 16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def tiny_sd15():  # SD1.5: 4 channels, with quant_conv
+    return _tiny_kl(1, 4, scaling_factor=0.18215)
 
 
 def diffusers_example_step(vae, opt, x, kl_scale=1e-3):

@@ -76,7 +76,6 @@ def evaluate(cfg, ckpt=None, out_dir=None, overrides: list[str] | None = None, p
     from tqdm.auto import tqdm
 
     from .metrics import MetricSuite
-    from .metrics.codebook import codebook_stats
     from .plots import plot_rate_histogram, save_grid
     from .train import build_datasets
 
@@ -113,17 +112,8 @@ def evaluate(cfg, ckpt=None, out_dir=None, overrides: list[str] | None = None, p
     q = getattr(vae, "gq_quantizer", None) or getattr(wrapper, "quantizer", None)
     K = int(getattr(q, "codebook_size", 0) or 0)
     info = {"converted_from_vanilla": converted, "checkpoint": str(ckpt) if ckpt else None, "n_images": n}
-    if all_idx and K:
-        idx = torch.cat([i.reshape(-1) for i in all_idx])
-        info["codebook"] = codebook_stats(idx, K)
-    ppt = pixels_per_token(vae)
-    if q is not None and hasattr(q, "bits_per_token"):
-        info["bpp"] = float(q.bits_per_token) / ppt
-    if all_rates:
-        r = torch.cat([t.reshape(-1) for t in all_rates])
-        info["rates"] = {"mean": float(r.mean()), "min": float(r.min()), "max": float(r.max()), "std": float(r.std())}
-        if K:  # shares of (token, group) rates in the band log2 K +- alpha / over / under budget, quantiles
-            info["band"] = band_statistics(r, math.log2(K), _tolerance(q, cfg)).to_json()
+    bpp = float(q.bits_per_token) / pixels_per_token(vae) if q is not None and hasattr(q, "bits_per_token") else None
+    info.update(bottleneck_info(all_idx, all_rates, K or None, bpp, _tolerance(q, cfg)))
     results["info"] = info
     out_dir = Path(out_dir or (Path(cfg.train.output_dir) / "eval"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,6 +136,33 @@ def _tolerance(q, cfg) -> float:
     """The band half-width alpha: the quantizer's own TDC tolerance, else the recipe's."""
     tdc = getattr(q, "tdc", None)
     return float(tdc.tolerance) if tdc is not None else float(cfg.quantizer.get("tolerance", TDCSettings().tolerance))
+
+
+def bottleneck_info(indices: list, rates: list, codebook_size: int | None, bpp: float | None, tolerance: float,
+                    target_bits: float | None = None) -> dict:
+    """The codebook / bpp / rate entries of an evaluation (``gq eval`` and benchmarks/paper share it).
+
+    ``indices`` / ``rates``: lists of per-batch tensors (may be empty); ``codebook_size``: K of the
+    indices (None: no codebook statistics); ``target_bits``: centre of the rate band (default
+    ``log2 codebook_size``). Returns ``{"codebook", "bpp", "rates", "band"}`` (those that apply).
+    """
+    from .metrics.codebook import codebook_stats
+
+    info: dict = {}
+    if indices and codebook_size:
+        info["codebook"] = codebook_stats(torch.cat([i.reshape(-1) for i in indices]), int(codebook_size))
+    if bpp is not None:
+        info["bpp"] = float(bpp)
+    if rates:
+        r = torch.cat([t.reshape(-1).float().cpu() for t in rates])
+        sub = r if r.numel() <= 2**24 else r[:: r.numel() // 2**24 + 1]  # torch.quantile's size limit
+        info["rates"] = {"mean": float(r.mean()), "min": float(r.min()), "max": float(r.max()), "std": float(r.std()),
+                         "p01": float(sub.quantile(0.01)), "p99": float(sub.quantile(0.99))}
+        if target_bits is None and codebook_size:
+            target_bits = math.log2(codebook_size)
+        if target_bits is not None:  # shares of (token, group) rates in the band log2 K +- alpha / over / under
+            info["band"] = band_statistics(r, target_bits, tolerance).to_json()
+    return info
 
 
 def format_table(results: dict, names: dict[str, str]) -> str:

@@ -10,14 +10,7 @@ Command line (the ``gq data`` CLI calls :func:`fetch_main`)::
 from .dataset import PhotoDataset, list_images, split_by_photo
 from .extract import edj_largest_jpeg, rcc_entries
 from .photos import ensure_photos, fetch_main, fetch_photos, wheel_photos
-from .sources import (
-    DEBIAN_SOURCES,
-    IMAGE_EXTENSIONS,
-    MANIFEST,
-    PHOTO_SETS,
-    DebianSource,
-    default_data_dir,
-)
+from .sources import DEBIAN_SOURCES, IMAGE_EXTENSIONS, MANIFEST, PHOTO_SETS, DebianSource, default_data_dir
 
 __all__ = [
     "DEBIAN_SOURCES",
