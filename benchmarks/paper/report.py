@@ -212,7 +212,7 @@ def plot_rates(out: Path, seeds: list[int]) -> Path | None:
         spec = json.loads(r.read_text())["spec"]
         target = math.log2(spec["K"])
         break
-    return plot_rate_histogram(rates, out / "rates_vanilla_vs_tdc.png", target=target, tolerance=0.5,
+    return plot_rate_histogram(rates, out / "rates_vanilla_vs_tdc.png", target=target, tolerance=None,
                                title=f"Per-group rate R_g on held-out photos (seed {seeds[0]})")
 
 
