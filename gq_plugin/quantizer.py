@@ -339,7 +339,9 @@ class GaussianQuantizer(nn.Module):
             if diffs:
                 raise ValueError("GQ checkpoint does not match this quantizer: " + "; ".join(diffs))
             # the settings are this model's (TDC/runtime settings may differ); keep its entry
-            state_dict[prefix + "gq_config"] = self.settings.to_tensor()
+            mine_t = self.settings.to_tensor().to(self.gq_config.device)
+            self._buffers["gq_config"] = mine_t  # same length as the entry copied into it
+            state_dict[prefix + "gq_config"] = mine_t.clone()
         fp = state_dict.get(prefix + "codebook_fingerprint")
         if fp is not None:
             theirs = cbm.tensor_to_fingerprint(fp)

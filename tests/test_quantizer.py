@@ -243,9 +243,13 @@ def test_settings_serialise_one_way_and_old_checkpoints_still_load():
     assert saved == q.settings.to_dict() and saved["format"] == 2
     assert (saved["beta"], saved["tdc"]["tolerance"], saved["tdc"]["lam_factor"]) == (0.5, 0.25, 1.03)
     assert GQConfig.from_json(json.dumps(saved)) == q.settings
-    # attributes changed after construction reach the saved settings
+    # attributes changed after construction reach the saved settings, and loading still works
     q.tdc.auto_step = False
     assert json.loads(bytes(q.state_dict()["gq_config"].tolist()).decode())["tdc_auto_step"] is False
+    other = GaussianQuantizer(16, 2**10, 8, accept_image_fmap=True, beta=0.5)
+    other.search_backend = "torch"  # its settings JSON now differs in length from the checkpoint's
+    other.load_state_dict(sd)
+    assert other.settings.search_backend == "torch" and other.tdc.num_steps.item() == 3
     # checkpoints of the int64 layout (7 fields with beta bit-cast, and the older 6) load and are checked
     for beta in (0.5, None):
         old = dict(sd)
