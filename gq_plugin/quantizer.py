@@ -326,8 +326,9 @@ class GaussianQuantizer(nn.Module):
         )
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        self._buffers["gq_config"] = self.settings.to_tensor().to(self.gq_config.device)  # never stale
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        # the current settings (attributes changed since construction included), never a stale buffer
+        destination[prefix + "gq_config"] = self.settings.to_tensor().to(self.gq_config.device)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         cfg = state_dict.get(prefix + "gq_config")
@@ -339,9 +340,7 @@ class GaussianQuantizer(nn.Module):
             if diffs:
                 raise ValueError("GQ checkpoint does not match this quantizer: " + "; ".join(diffs))
             # the settings are this model's (TDC/runtime settings may differ); keep its entry
-            mine_t = self.settings.to_tensor().to(self.gq_config.device)
-            self._buffers["gq_config"] = mine_t  # same length as the entry copied into it
-            state_dict[prefix + "gq_config"] = mine_t.clone()
+            state_dict[prefix + "gq_config"] = self.gq_config.clone()  # (the buffer's shape: a no-op copy)
         fp = state_dict.get(prefix + "codebook_fingerprint")
         if fp is not None:
             theirs = cbm.tensor_to_fingerprint(fp)
