@@ -20,8 +20,9 @@ so a run killed by its time limit still leaves what it measured):
 4. memory: every timed item records ``peak_mib`` (CUDA: ``max_memory_allocated`` since the item
    began; CPU: the process's peak RSS) and ``extra_mib`` (the growth over the item).
 
-A time guard (``--budget-s``) skips remaining items with a note when the run is over its share.
-Exit status 1 when a test failed or a backend disagreed with the reference beyond float32 near-ties.
+Sections 1-3 run in their own processes (a CUDA fault loses one section, not the run). A time guard
+(``--budget-s``) skips remaining items with a note when the run is over its share. Exit status 1 when
+a test failed, a backend disagreed with the reference beyond float32 near-ties, or a section crashed.
 """
 
 from __future__ import annotations
@@ -69,13 +70,13 @@ GOALS = {"fused_pct_of_peak": 50.0, "fused_vs_torch": 2.0, "tdc_overhead_pct": 3
 
 
 class Clock:
-    """Wall time since start and the time guard."""
+    """Wall time since the run began (``t0``, shared with the section processes) and the time guard."""
 
-    def __init__(self, budget_s: float) -> None:
-        self.t0, self.budget = time.monotonic(), float(budget_s)
+    def __init__(self, budget_s: float, t0: float | None = None) -> None:
+        self.t0, self.budget = (time.time() if t0 is None else float(t0)), float(budget_s)
 
     def elapsed(self) -> float:
-        return time.monotonic() - self.t0
+        return time.time() - self.t0
 
     def left(self, until: float = 1.0) -> float:
         return until * self.budget - self.elapsed()
@@ -349,7 +350,8 @@ def goals(res: dict) -> dict:
 
 
 def failures(res: dict) -> list[str]:
-    bad = []
+    """What went wrong: failed tests, rows that disagree with the reference, crashed sections."""
+    bad = list(res.get("errors", []))
     tests = res.get("tests")
     if tests and not tests.get("ok"):
         bad.append(f"tests: rc={tests.get('rc')}, failed {tests.get('failed_names', '?')}")
@@ -428,14 +430,56 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_section(section: str, args, clock: Clock, peak_gflops: float) -> tuple[object, str | None]:
+    """Run ``search`` or ``sd3`` in its own process, so a CUDA fault (a sticky error poisons the
+    process's context) or a kill at the time limit loses that section's remaining items only. The
+    child rewrites ``gpu_check_<section>.json`` after every item; returns (its content, error)."""
+    part = Path(args.out_dir) / f"gpu_check_{section}.json"
+    part.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--section", section, "--t0", repr(clock.t0),
+           "--budget-s", str(clock.budget), "--peak-gflops", repr(peak_gflops), "--out-dir", str(args.out_dir)]
+    cmd += ["--cpu-dry-run"] if args.cpu_dry_run else []
+    err = None
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(60.0, clock.left(1.05)), check=False)
+        if proc.returncode != 0:
+            err = f"{section} process exited with rc={proc.returncode}: " + " | ".join(proc.stderr.strip().splitlines()[-6:])
+    except subprocess.TimeoutExpired:
+        err = f"{section} process killed at the time limit ({clock.left(1.05):.0f} s left)"
+    value = json.loads(part.read_text()) if part.is_file() else None
+    return value, err
+
+
+def section_main(args) -> int:
+    """Child process of :func:`run_section`: one section, its JSON rewritten after every item."""
+    dry = args.cpu_dry_run
+    p, clock = dict(DRY if dry else GPU), Clock(args.budget_s, t0=args.t0)
+    device = torch.device("cpu" if dry else "cuda")
+    part = Path(args.out_dir) / f"gpu_check_{args.section}.json"
+
+    def put(value) -> None:
+        part.write_text(json.dumps(value, indent=1, default=str))
+
+    if args.section == "search":
+        put(run_search(p, device, clock, args.peak_gflops, put))
+    else:
+        put(run_sd3(p, device, dry, clock, put))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu-dry-run", action="store_true", help="the same code at tiny shapes on the CPU")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--budget-s", type=float, default=None, help="time guard (default 420 on a GPU, 90 dry)")
     ap.add_argument("--only", nargs="+", choices=("tests", "search", "sd3"), default=("tests", "search", "sd3"))
+    ap.add_argument("--section", choices=("search", "sd3"), help=argparse.SUPPRESS)  # a child process
+    ap.add_argument("--t0", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--peak-gflops", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     dry = args.cpu_dry_run
+    if args.section:
+        return section_main(args)
     if not dry and not torch.cuda.is_available():
         ap.error("no CUDA device: run on a GPU, or pass --cpu-dry-run")
     p = dict(DRY if dry else GPU)
@@ -477,13 +521,15 @@ def main(argv=None) -> int:
     if "tests" in args.only:
         record("tests")(run_tests(out_dir, min(p["tests_s"], clock.left(0.5))))
         print(f"[gpu_check] tests ok={res['tests']['ok']} ({clock.elapsed():.0f} s)", flush=True)
-    if "search" in args.only:
-        record("search")(run_search(p, device, clock, res["peak"]["tflops_median"] * 1e3, record("search")))
-        print(f"[gpu_check] search done ({clock.elapsed():.0f} s)", flush=True)
-    if "sd3" in args.only:
-        record("sd3")(run_sd3(p, device, dry, clock, record("sd3")))
-        print(f"[gpu_check] sd3 done ({clock.elapsed():.0f} s)", flush=True)
-    save()
+    for section in ("search", "sd3"):
+        if section in args.only:
+            value, err = run_section(section, args, clock, res["peak"]["tflops_median"] * 1e3)
+            if value is not None:
+                res[section] = value
+            if err:
+                res.setdefault("errors", []).append(err)
+            save()
+            print(f"[gpu_check] {section} done ({clock.elapsed():.0f} s){' ERROR ' + err if err else ''}", flush=True)
     print(markdown(res))
     return 1 if res["failures"] else 0
 

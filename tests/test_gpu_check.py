@@ -136,3 +136,15 @@ def test_failures_flag_wrong_rows_and_failed_tests():
     res = {"tests": {"ok": False, "rc": 1, "failed_names": ["test_x"]}, "search": [row]}
     assert gpu_check.failures(res) == ["tests: rc=1, failed ['test_x']", "search 4x8x2 cuda: 3 rows wrong"]
     assert gpu_check.failures({"tests": {"ok": True}, "search": [{"n": 1, "k": 1, "m": 1, "skipped": "x"}]}) == []
+
+
+def test_crashed_section_is_reported(tmp_path, monkeypatch):
+    """A section runs in its own process: its crash becomes an error of the run, not a lost report."""
+    import argparse
+
+    monkeypatch.setenv("GQ_SEARCH_BACKEND", "no-such-backend")  # the child's select_backend raises
+    args = argparse.Namespace(out_dir=str(tmp_path), cpu_dry_run=True)
+    value, err = gpu_check.run_section("search", args, gpu_check.Clock(600.0), peak_gflops=1.0)
+    assert value is None and err.startswith("search process exited with rc=1: ")
+    assert "backend must be one of" in err
+    assert gpu_check.failures({"errors": [err]}) == [err]
