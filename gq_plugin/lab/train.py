@@ -86,6 +86,20 @@ def build_datasets(data_cfg, split: str):
     )
 
 
+def build_loss(lcfg) -> ReconstructionLoss:
+    """The recipe's ``loss`` section as a :class:`ReconstructionLoss` (discriminator only if enabled)."""
+    disc_cfg = lcfg.get("disc") or {}
+    return ReconstructionLoss(
+        l1=float(lcfg.get("l1", 1.0)),
+        lpips=float(lcfg.get("lpips", 0.0)),
+        lpips_net=lcfg.get("lpips_net", "alex"),
+        disc_start=disc_cfg.get("start_step") if disc_cfg.get("enabled", False) else None,
+        disc_weight=float(disc_cfg.get("weight", 0.5)),
+        disc_channels=int(disc_cfg.get("channels", 64)),
+        disc_layers=int(disc_cfg.get("layers", 3)),
+    )
+
+
 def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = None, resume: str | None = None, progress: bool = True) -> dict:
     """Run a recipe's training; returns the final logged values (and the output paths)."""
     from accelerate import Accelerator
@@ -114,17 +128,8 @@ def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = Non
     vae, wrapper = build_model(cfg)
     is_gq = qcfg.name == "gq"
     reg_weight = float(qcfg.get("weight", 0.1)) if is_gq else 1.0
-    lcfg = cfg.loss
-    disc_cfg = lcfg.get("disc") or {}
-    loss_fn = ReconstructionLoss(
-        l1=float(lcfg.get("l1", 1.0)),
-        lpips=float(lcfg.get("lpips", 0.0)),
-        lpips_net=lcfg.get("lpips_net", "alex"),
-        disc_start=disc_cfg.get("start_step") if disc_cfg.get("enabled", False) else None,
-        disc_weight=float(disc_cfg.get("weight", 0.5)),
-        disc_channels=int(disc_cfg.get("channels", 64)),
-        disc_layers=int(disc_cfg.get("layers", 3)),
-    )
+    disc_cfg = cfg.loss.get("disc") or {}
+    loss_fn = build_loss(cfg.loss)
     ocfg = cfg.optim
     params = [p for p in wrapper.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=float(ocfg.lr), betas=tuple(ocfg.get("betas", (0.5, 0.9))), weight_decay=float(ocfg.get("weight_decay", 0.0)))
@@ -169,15 +174,7 @@ def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = Non
     wrapper.train()
     while step < steps:
         x = _images(next(batches))
-        with acc.accumulate(wrapper):
-            out = wrapper(x)
-            rec, logs = loss_fn.generator_loss(x, out.sample, step, last_layer)
-            loss = rec + reg_weight * out.loss
-            acc.backward(loss)
-            if acc.sync_gradients and ocfg.get("grad_clip"):
-                acc.clip_grad_norm_(params, float(ocfg.grad_clip))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        out, loss, rec, logs = autoencoder_step(acc, wrapper, loss_fn, opt, params, x, step, reg_weight, ocfg.get("grad_clip"), last_layer)
         if not acc.sync_gradients:
             continue
         if quantizer is not None:
@@ -231,6 +228,22 @@ def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = Non
     return last_logs
 
 
+def autoencoder_step(acc, wrapper, loss_fn, opt, params, x, step: int, reg_weight: float, grad_clip, last_layer):
+    """One autoencoder update under ``acc.accumulate``: forward through the wrapper, reconstruction
+    loss + ``reg_weight`` x regulariser (TDC / KL), backward, optional gradient clipping, optimizer
+    step. Returns ``(out, loss, rec, logs)``. The caller steps TDC and the discriminator."""
+    with acc.accumulate(wrapper):
+        out = wrapper(x)
+        rec, logs = loss_fn.generator_loss(x, out.sample, step, last_layer)
+        loss = rec + reg_weight * out.loss
+        acc.backward(loss)
+        if acc.sync_gradients and grad_clip:
+            acc.clip_grad_norm_(params, float(grad_clip))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return out, loss, rec, logs
+
+
 def save_checkpoint(acc, wrapper, opt, disc, opt_d, step: int, path: Path) -> Path:
     """Write ``path/vae`` (save_pretrained) and ``path/training_state.pt`` on the main process."""
     acc.wait_for_everyone()
@@ -255,4 +268,4 @@ def save_checkpoint(acc, wrapper, opt, disc, opt_d, step: int, path: Path) -> Pa
     return path
 
 
-__all__ = ["train", "save_checkpoint", "latest_checkpoint", "build_datasets"]
+__all__ = ["train", "autoencoder_step", "build_loss", "save_checkpoint", "latest_checkpoint", "build_datasets"]

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from ..rate import LOGVAR_RANGE
-from .reference import reference_scores, search_reference
+from .reference import compare_with_reference, reference_scores, search_reference
 from .torch_backend import DEFAULT_TILE_K, DEFAULT_TILE_N, argmax_ip_torch
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "available_backends",
     "backend_names",
     "codebook_features",
+    "compare_with_reference",
     "gq_search",
     "reference_scores",
     "register_backend",
