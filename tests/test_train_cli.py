@@ -78,6 +78,10 @@ def test_train_writes_checkpoints_logs_and_plots(trained):
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in logs] == [2, 4, 6]
     assert all(k in logs[-1] for k in ("rec", "bits-mean", "bits-max", "lam", "lam-max", "lam-min", "lpips"))
+    # the progress bar shows per-element values: rec is a per-image sum over 3*32*32 elements of l1 + 0.1*lpips
+    last = logs[-1]
+    assert last["rec_per_elem"] == pytest.approx(last["rec"] / (3 * 32 * 32), rel=1e-6)
+    assert last["rec_per_elem"] == pytest.approx(last["l1"] + 0.1 * last["lpips"], rel=1e-4)
     cfg = json.loads((out / "final" / "vae" / "config.json").read_text())
     assert cfg["gq"]["codebook_size"] == 256 and cfg["gq"]["codebook_dim"] == 4
 
