@@ -225,7 +225,7 @@ def _dist() -> tuple[int, int, torch.device, object]:
         from accelerate import PartialState
     except ImportError:  # pragma: no cover - accelerate ships with the diffusers extra
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), lambda: None
-    st = PartialState()
+    st = PartialState(cpu=not torch.cuda.is_available())  # without CUDA, cpu=True makes a launcher's ranks use gloo
     return st.process_index, st.num_processes, st.device, st.wait_for_everyone
 
 
