@@ -2,7 +2,7 @@
 
 Runs the encoder over held-out photos, measures the KL (bits) of every latent channel of every
 token, and feeds those rates to :func:`gq_plugin.rate.recommend_codebook`. It then *measures*
-what direct GQ conversion with the recommendation would cost on the same images (PSNR of
+what GQ costs on the same images -- with a GQ-patched model's own (K, m), else with the recommendation -- (PSNR of
 ``decode(mean)`` vs ``decode(z_hat)``), next to the predicted information loss (expected excess
 bits per token over log2 K), and writes a rate histogram.
 """
@@ -15,16 +15,20 @@ from pathlib import Path
 
 import torch
 
-from ..rate import group_rates, kl_bits_per_channel, recommend_codebook
+from ..rate import BandStats, band_statistics, group_rates, kl_bits_per_channel, recommend_codebook
 
 
 @torch.no_grad()
 def diagnose(vae, images: torch.Tensor, out_dir=None, max_log2_codebook_size: int = 18, grouping: str = "contiguous",
-             batch_size: int = 8, progress: bool = True) -> dict:
+             batch_size: int = 8, progress: bool = True, tolerance: float = 0.5) -> dict:
     """Diagnose ``vae`` (a diffusers AutoencoderKL, patched or not) on ``images`` (N, 3, H, W) in [-1, 1].
 
     A GQ-patched model is measured with its *own* quantizer (its K, m, grouping, codebook, beta);
     a plain VAE with the recommended (K, m). ``result["measured"]["setting"]`` says which.
+
+    ``result["band"]["recommended"]``: band statistics (:func:`gq_plugin.rate.band_statistics`) of
+    the group rates at the recommended (K, m) with half-width ``tolerance``; for a GQ-patched model
+    also ``result["band"]["model"]``: the same at the model's own (K, m) and TDC tolerance.
     """
     from tqdm.auto import tqdm
 
@@ -72,6 +76,13 @@ def diagnose(vae, images: torch.Tensor, out_dir=None, max_log2_codebook_size: in
         patch_from_config(vae, saved_cfg)
         vae.gq_quantizer.load_state_dict(own_q.state_dict())  # keep the TDC multipliers too
     psnr_cont, psnr_gq = float(torch.cat(p_cont).mean()), float(torch.cat(p_gq).mean())
+    g_rec = group_rates(mean.movedim(1, -1), logvar.movedim(1, -1), rec.codebook_dim, grouping)
+    band = {"recommended": band_statistics(g_rec, rec.chosen.log2_codebook_size, tolerance).to_json()}
+    if saved_cfg is not None:  # the model's own (K, m): how well its training held the band
+        own_m, own_k = int(saved_cfg["codebook_dim"]), int(saved_cfg["codebook_size"])
+        own = g  # the group rates at the model's own m and grouping, measured above
+        band["model"] = {**band_statistics(own, math.log2(own_k), float(saved_cfg.get("tolerance", tolerance))).to_json(),
+                         "codebook_size": own_k, "codebook_dim": own_m}
     per_channel_mean = chan.mean(0)
     tol = float(q.tdc.tolerance)
     result = {
@@ -83,6 +94,7 @@ def diagnose(vae, images: torch.Tensor, out_dir=None, max_log2_codebook_size: in
         "measured": {"setting": setting, "codebook_size": int(q.codebook_size), "codebook_dim": int(m_used), "grouping": grouping,
                      "psnr_continuous": psnr_cont, "psnr_gq": psnr_gq, "psnr_drop": psnr_cont - psnr_gq},
         "channel_rate_bits": {"mean": per_channel_mean.tolist(), "min_channel": float(per_channel_mean.min()), "max_channel": float(per_channel_mean.max())},
+        "band": band,
         "table": rec.table(),
     }
     if out_dir is not None:
@@ -96,18 +108,24 @@ def diagnose(vae, images: torch.Tensor, out_dir=None, max_log2_codebook_size: in
 
 
 def format_report(result: dict) -> str:
-    """The text ``gq diagnose`` prints (and writes to ``diagnose.md``)."""
+    """The printed / ``diagnose.md`` report: recommendation, the setting measured, band statistics, options table."""
     r, p, m = result["recommended"], result["predicted"], result["measured"]
-    which = "the model's own setting" if m["setting"] == "model" else "the recommended setting"
-    k = m["codebook_size"]
-    return "\n".join(
-        [
-            f"Recommended: K = 2^{r['log2_codebook_size']} ({r['codebook_size']}), m = {r['codebook_dim']} -> {r['bits_per_token']:.0f} bits/token",
-            result["reasoning"],
-            f"Measured with {which}: K = 2^{math.log2(k):g} ({k}), m = {m['codebook_dim']}, grouping {m['grouping']}",
-            f"Predicted loss: {p['mean_excess_bits_per_token']:.3f} excess bits/token; {100 * p['frac_groups_over_budget']:.1f}% of groups over budget",
-            f"Measured on these images: PSNR continuous {m['psnr_continuous']:.2f} dB -> GQ {m['psnr_gq']:.2f} dB (drop {m['psnr_drop']:.2f} dB)",
-            "",
-            result["table"],
-        ]
-    )
+    which = "the model's own setting" if m.get("setting") == "model" else "the recommended setting"
+    k = m.get("codebook_size", r["codebook_size"])
+    lines = [
+        f"Recommended: K = 2^{r['log2_codebook_size']} ({r['codebook_size']}), m = {r['codebook_dim']} -> {r['bits_per_token']:.0f} bits/token",
+        result["reasoning"],
+        f"Measured with {which}: K = 2^{math.log2(k):g} ({k}), m = {m.get('codebook_dim', r['codebook_dim'])}, grouping {m.get('grouping', 'contiguous')}",
+        f"Predicted loss: {p['mean_excess_bits_per_token']:.3f} excess bits/token; {100 * p['frac_groups_over_budget']:.1f}% of groups over budget",
+        f"Measured on these images: PSNR continuous {m['psnr_continuous']:.2f} dB -> GQ {m['psnr_gq']:.2f} dB (drop {m['psnr_drop']:.2f} dB)",
+        "",
+    ]
+    band = result.get("band") or {}
+    if "model" in band:
+        b = band["model"]
+        lines += [f"Band statistics at the model's own K = {b['codebook_size']}, m = {b['codebook_dim']} "
+                  f"(band log2 K +- {b['tolerance']:g} bits):", "", BandStats.from_json(b).table(), ""]
+    if "recommended" in band:
+        lines += ["Band statistics at the recommended (K, m):", "", BandStats.from_json(band["recommended"]).table(), ""]
+    lines.append(result["table"])
+    return "\n".join(lines)
