@@ -152,8 +152,11 @@ def test_diagnose_recommends_and_measures(trained, photo_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Recommended: K = 2^" in printed
     rec, own = res["band"]["recommended"], res["band"]["model"]
-    # one formula: the recommendation's over-budget share is the band statistics' share
-    assert rec["over_budget"] == res["predicted"]["frac_groups_over_budget"]
+    # one formula: the predicted over-budget share is the band statistics' share at the setting measured,
+    # which for this GQ-patched model is its own K = 256, m = 4 (not the recommendation)
+    assert res["measured"]["setting"] == "model" and (res["measured"]["codebook_size"], res["measured"]["codebook_dim"]) == (256, 4)
+    assert own["over_budget"] == res["predicted"]["frac_groups_over_budget"]
+    assert "Measured with the model's own setting: K = 2^8 (256), m = 4" in printed
     assert rec["target_bits"] == res["recommended"]["log2_codebook_size"]
     assert (own["codebook_size"], own["codebook_dim"], own["target_bits"]) == (256, 4, 8.0)
     assert own["count"] == 4 * 16 * 16  # 4 images x 16x16 tokens x 1 group

@@ -84,13 +84,13 @@ def diagnose(vae, images: torch.Tensor, out_dir=None, max_log2_codebook_size: in
         band["model"] = {**band_statistics(own, math.log2(own_k), float(saved_cfg.get("tolerance", tolerance))).to_json(),
                          "codebook_size": own_k, "codebook_dim": own_m}
     per_channel_mean = chan.mean(0)
-    tol = float(q.tdc.tolerance)
     result = {
         "recommended": {"codebook_size": rec.codebook_size, "codebook_dim": rec.codebook_dim, "log2_codebook_size": rec.chosen.log2_codebook_size,
                         "bits_per_token": rec.chosen.bits_per_token},
         "reasoning": rec.reasoning,
+        # at the measured setting: the model's own (K, m) for a patched model, else the recommendation
         "predicted": {"mean_excess_bits_per_token": float((g - log2k_used).clamp_min(0).sum(-1).mean()),
-                      "frac_groups_over_budget": float((g > log2k_used + tol).double().mean())},
+                      "frac_groups_over_budget": band["model" if own_q is not None else "recommended"]["over_budget"]},
         "measured": {"setting": setting, "codebook_size": int(q.codebook_size), "codebook_dim": int(m_used), "grouping": grouping,
                      "psnr_continuous": psnr_cont, "psnr_gq": psnr_gq, "psnr_drop": psnr_cont - psnr_gq},
         "channel_rate_bits": {"mean": per_channel_mean.tolist(), "min_channel": float(per_channel_mean.min()), "max_channel": float(per_channel_mean.max())},
