@@ -314,7 +314,7 @@ def recommend_codebook(
         why = "and has the largest m"
     else:  # chosen over a larger m only because every larger m throws away more bits
         nxt = min(larger, key=lambda o: o.codebook_dim)
-        why = (f"the fewest of the options; larger m lose more (m={nxt.codebook_dim}, K=2^{nxt.log2_codebook_size}: "
+        why = (f", the fewest of the options; larger m lose more (m={nxt.codebook_dim}, K=2^{nxt.log2_codebook_size}: "
                f"{nxt.mean_excess_bits:.3f} bits/token)")
     reasoning = (
         f"mean channel rate {float(rates.mean()):.3f} bits; chose m={chosen.codebook_dim}, "
