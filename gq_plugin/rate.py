@@ -397,10 +397,17 @@ def recommend_codebook(
             )
         )
     chosen = min(options, key=lambda o: (round(o.mean_excess_bits, 1), -o.codebook_dim, o.bits_per_token))
+    larger = [o for o in options if o.codebook_dim > chosen.codebook_dim]
+    if not larger:
+        why = "and has the largest m"
+    else:  # chosen over a larger m only because every larger m throws away more bits
+        nxt = min(larger, key=lambda o: o.codebook_dim)
+        why = (f", the fewest of the options; larger m lose more (m={nxt.codebook_dim}, K=2^{nxt.log2_codebook_size}: "
+               f"{nxt.mean_excess_bits:.3f} bits/token)")
     reasoning = (
         f"mean channel rate {float(rates.mean()):.3f} bits; chose m={chosen.codebook_dim}, "
         f"K=2^{chosen.log2_codebook_size} ({chosen.bits_per_token:.0f} bits/token) because it loses "
-        f"{chosen.mean_excess_bits:.3f} expected bits/token with the largest m; "
+        f"{chosen.mean_excess_bits:.3f} expected bits/token {why}; "
         f"{100 * chosen.frac_over_budget:.1f}% of groups exceed log2 K + {tolerance} "
         + ("(convert directly)." if chosen.frac_over_budget < 0.05 else "(fine-tune with TDC before converting).")
     )

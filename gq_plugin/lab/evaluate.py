@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from ..rate import BandStats, band_statistics
 from ..tdc import TDCSettings
 from .config import gq_recipe_settings, load_config
+from .metrics.image import MS_SSIM_MIN_SIZE
 from .models import QuantizerBottleneck, build_model, pixels_per_token
 
 METRIC_ORDER = ("PSNR", "SSIM", "MS-SSIM", "LPIPS-alex", "FD-EffNetLite0", "KID-EffNetLite0")
@@ -36,9 +37,9 @@ def load_for_eval(cfg: DictConfig, ckpt: str | os.PathLike | None):
     from ..adapters import is_patched, patch_autoencoder_kl
 
     if ckpt is not None:
-        ckpt = Path(ckpt)
-        vae_dir = ckpt / "vae" if (ckpt / "vae").is_dir() else ckpt
-        cfg.model.pretrained = str(vae_dir)
+        from .models import resolve_model_dir
+
+        cfg.model.pretrained = resolve_model_dir(ckpt, "CKPT")
     vae, wrapper = build_model(cfg)
     converted = False
     q = cfg.quantizer
@@ -111,7 +112,8 @@ def evaluate(cfg, ckpt=None, out_dir=None, overrides: list[str] | None = None, p
     results = {k: s.compute() for k, s in suites.items()}
     q = getattr(vae, "gq_quantizer", None) or getattr(wrapper, "quantizer", None)
     K = int(getattr(q, "codebook_size", 0) or 0)
-    info = {"converted_from_vanilla": converted, "checkpoint": str(ckpt) if ckpt else None, "n_images": n}
+    info = {"converted_from_vanilla": converted, "checkpoint": str(ckpt) if ckpt else None, "n_images": n,
+            "image_size": list(grid["original"][0].shape[-2:]) if grid["original"] else None}
     bpp = float(q.bits_per_token) / pixels_per_token(vae) if q is not None and hasattr(q, "bits_per_token") else None
     info.update(bottleneck_info(all_idx, all_rates, K or None, bpp, _tolerance(q, cfg)))
     results["info"] = info
@@ -186,4 +188,9 @@ def format_table(results: dict, names: dict[str, str]) -> str:
         lines.append(f"| {label} | " + " | ".join(vals) + f" | {usage} | {perp} | {bpp} |")
     if info.get("band"):
         lines += ["", BandStats.from_json(info["band"]).table()]
+    ms = [results[k].get("MS-SSIM") for k in names]
+    if "MS-SSIM" in cols and all(v is None or (isinstance(v, float) and math.isnan(v)) for v in ms):
+        size = info.get("image_size")
+        at = f" (these are {size[0]}x{size[1]})" if size else ""
+        lines += ["", f"MS-SSIM n/a: it needs images of at least {MS_SSIM_MIN_SIZE} px per side (5 scales of an 11-px window){at}."]
     return "\n".join(lines)

@@ -58,6 +58,22 @@ def build_autoencoder_kl(model_cfg: dict) -> nn.Module:
     return AutoencoderKL(**config)
 
 
+def resolve_model_dir(path, what: str = "model directory") -> str:
+    """The ``save_pretrained`` directory of ``path``: ``path/vae`` for a training checkpoint
+    (``runs/<name>/final``), else ``path`` itself. Raises ``ValueError`` naming ``what`` (the
+    argument the user typed, e.g. ``MODEL_DIR``) and the path when it is missing or has no
+    ``config.json``."""
+    d = str(path)
+    if not os.path.isdir(d):
+        hint = "" if os.path.exists(d) else " (`gq demo` writes runs/demo/final; `gq train RECIPE` writes runs/<recipe name>/final)"
+        raise ValueError(f"{what} {d!r} is not a directory{hint}")
+    vae_dir = os.path.join(d, "vae")
+    vae_dir = vae_dir if os.path.isdir(vae_dir) else d
+    if not os.path.isfile(os.path.join(vae_dir, "config.json")):
+        raise ValueError(f"{what} {d!r} holds no model: expected config.json (from save_pretrained) in it or in its vae/ folder")
+    return vae_dir
+
+
 def downsampling_factor(vae) -> int:
     """Pixels per latent step along one side (2^(number of down blocks - 1))."""
     return 2 ** (len(vae.config.block_out_channels) - 1)

@@ -200,7 +200,9 @@ def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = Non
                 entry.update({"bits-mean": float(rates.mean()), "bits-min": float(rates.min()), "bits-max": float(rates.max())})
             entry["elapsed_s"] = time.time() - t0
             last_logs = entry
-            pbar.set_postfix({k: f"{entry[k]:.3g}" for k in ("rec", "bits-mean", "bits-q99", "band-over", "lam") if k in entry})
+            entry["rec_per_elem"] = entry["rec"] / x[0].numel()  # "rec" is a per-image sum over C*H*W elements
+            # per-element losses (l1, lpips) beside the rates in bits
+            pbar.set_postfix({k: f"{entry[k]:.3g}" for k in ("l1", "lpips", "bits-mean", "bits-q99", "band-over", "lam") if k in entry})
             if acc.is_main_process:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(entry) + "\n")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -100,6 +101,18 @@ def _disabled() -> bool:
     return os.environ.get("GQ_KERNELS_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _announce_build(name: str, what: str, duration: str) -> None:
+    """Say on stderr, before compiling, that the first search builds ``what`` (only when no cached
+    build exists; later processes load the cached library silently)."""
+    from torch.utils import cpp_extension
+
+    build_dir = _build_dir(name) or cpp_extension._get_build_directory(name, verbose=False)
+    if any(Path(build_dir).glob(f"{name}*.so")) or any(Path(build_dir).glob(f"{name}*.pyd")):
+        return
+    print(f"gq_plugin: building the {what}, once, {duration} (cached in {build_dir}; GQ_KERNELS_DISABLE=1 skips it)",
+          file=sys.stderr, flush=True)
+
+
 def _build(kind: str) -> ModuleType:
     from torch.utils import cpp_extension
 
@@ -107,6 +120,7 @@ def _build(kind: str) -> ModuleType:
     verbose = os.environ.get("GQ_KERNELS_VERBOSE", "") not in ("", "0")
     if kind == "cpu":
         name = _cpu_build_name()
+        _announce_build(name, "fused CPU search kernel", "~15 s")
         return cpp_extension.load(
             name=name,
             sources=[str(src / s) for s in CPU_SOURCES],
@@ -119,6 +133,7 @@ def _build(kind: str) -> ModuleType:
         if torch.version.cuda is None:
             raise RuntimeError("torch is a CPU-only build")
         name = "gq_search_cuda"
+        _announce_build(name, "fused CUDA search kernel", "~1 min")
         return cpp_extension.load(
             name=name,
             sources=[str(src / s) for s in CUDA_SOURCES],
