@@ -5,8 +5,11 @@
 ``get_codebook_entry(indices, shape=(B, H, W, C)) -> (B, C, H, W)``, but ``z`` carries
 ``2 * e_dim`` channels (mean || logvar): GQ needs a Gaussian posterior.
 
-Training: ``z_q`` is the reparameterised sample, ``loss`` the TDC loss (``VQModel``'s loss adds
-``codebook_weight * loss``), indices ``None`` (unless ``search_in_train=True``). Eval: ``z_q`` the GQ
+Training: ``z_q`` is the reparameterised sample, ``loss`` the TDC loss **normalised per element**
+(``lam * mean over batch, positions and groups of w_g * R_g``, in bits per sub-codebook -- about
+``log2 K`` at the target), so ``VQModel``'s ``codebook_weight * loss`` (default weight 1) sits
+next to the per-element (mean) reconstruction loss without retuning; indices ``None`` (unless
+``search_in_train=True``). Eval: ``z_q`` the GQ
 latent, ``loss`` 0, ``perplexity`` the codebook perplexity of the batch, ``min_encodings`` ``None``
 (a one-hot ``N x K`` matrix is not materialised), indices flat ``(B*H*W*G,)`` ordered
 ``(b, h, w, g)`` -- or ``(B, H, W)`` / ``(B, H, W, G)`` with ``sane_index_shape=True``.
@@ -72,6 +75,8 @@ class GaussianVectorQuantizer(nn.Module):
         if temp not in (None, 1.0) or rescale_logits or return_logits:
             raise ValueError("temp / rescale_logits / return_logits exist only for interface compatibility with GumbelQuantize")
         z_q, idx, loss = self.gq(z)
+        # the core loss is lam * mean over batch of sum over (positions, groups): per element here
+        loss = loss / (z.shape[-2] * z.shape[-1] * self.gq.num_codebooks)
         perplexity = None
         if idx is not None:
             if not self.training:
