@@ -157,10 +157,6 @@ class GaussianQuantize(GaussianQuantizer):
 
     # ----------------------------------------------------------- layouts
 
-    def _indices_layout(self, idx: torch.Tensor, axis: int) -> torch.Tensor:
-        """Core hook: keep indices channel-last ``(B, *spatial, G)`` (VectorQuantize's order)."""
-        return idx
-
     def _vq_indices(self, idx: torch.Tensor) -> torch.Tensor:
         return idx[..., 0] if self.heads == 1 else idx
 
