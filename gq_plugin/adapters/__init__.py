@@ -64,7 +64,7 @@ HOSTS: dict[str, Host] = {
     ),
     "tokenbridge": Host(
         "tokenbridge", "swap_tokenbridge_quantizer", "unswap_tokenbridge_quantizer",
-        ("swap_tokenbridge_quantizer", "tokenbridge_gq_inputs"),
+        ("swap_tokenbridge_quantizer", "tokenbridge_gq_inputs", "load_tokenbridge_checkpoint", "gq_post_training_quantize"),
     ),
     "sgm": Host("sgm", None, None, ("GaussianQuantRegularizer",)),
     "vq_pytorch": Host("vq_pytorch", None, None, ("GaussianQuantize", "register_with_vector_quantize_pytorch")),
