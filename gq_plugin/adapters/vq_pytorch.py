@@ -31,10 +31,15 @@ Code written for ``vector_quantize_pytorch.VectorQuantize`` (1.32.0) runs with `
   statistics. ``return_loss_breakdown=True`` adds a :class:`LossBreakdown` named tuple.
   ``indices=`` (cross-entropy against given codes) and ``topk`` are refused with a
   ``ValueError``; the EMA-related forward options are ignored with one warning.
-* **Loss.** Training: the TDC loss **normalised per element** -- ``lam * mean over (unmasked)
-  tokens and groups of w_g * R_g`` (bits per sub-codebook; about ``log2 K`` once the rates sit at
-  the target) times ``commitment_weight``; eval: 0. The scale therefore does not grow with the
-  batch, the image size or the number of groups.
+* **Loss.** Training: the TDC loss **normalised per latent element** (``loss_reduction="element"``,
+  the default): ``lam * mean over (unmasked) tokens and groups of w_g * R_g / m`` -- bits per
+  latent channel, the scale of ``VectorQuantize``'s mean-squared commitment loss (about
+  ``log2 K / m`` once the rates sit at the target; 0.72 against ``VectorQuantize``'s 1.0 on the
+  README's first example with a unit-variance posterior) -- times ``commitment_weight``; eval: 0.
+  It does not grow with the batch, the image size or the number of groups.
+  ``loss_reduction="group"``: the mean over tokens and groups (bits per sub-codebook, ``m`` times
+  larger); ``"sum"``: the paper's scale, summed over tokens and groups, mean over the batch
+  (use it against a summed reconstruction loss).
 
 It is a :class:`~gq_plugin.GaussianQuantizer` over the codebook space (``codebook_dim * heads``
 channels): ``rates()``, ``tdc_step()``, ``codebook_usage()`` and the state-dict checks work.
@@ -65,6 +70,7 @@ IGNORED_OPTIONS = {
     "route_gradients_to_input": True,
 }
 # forward() options of VectorQuantize that only steer its EMA / sampling
+LOSS_REDUCTIONS = ("element", "group", "sum")
 IGNORED_FORWARD_OPTIONS = ("sample_codebook_temp", "codebook_transform_fn", "ema_update_weight", "accum_ema_update", "ema_update")
 
 LossBreakdown = namedtuple(
@@ -86,7 +92,8 @@ class GaussianQuantize(GaussianQuantizer):
         codebook_dim: channels per (sub-)codebook m; default ``dim``.
         heads: sub-codebooks per token G; the codebook space has ``codebook_dim * heads``
             channels (projected from / to ``dim`` when they differ).
-        commitment_weight: multiplies the (per-element) TDC loss.
+        commitment_weight: multiplies the TDC loss.
+        loss_reduction: ``"element"`` (default), ``"group"`` or ``"sum"`` (see the module docstring).
         search_in_train: also return indices in training (default True, as ``VectorQuantize``).
         **options: the rest of ``VectorQuantize``'s vocabulary (see the module docstring) and
             :class:`~gq_plugin.GaussianQuantizer`'s keywords (``grouping``, ``seed``, ``beta``,
@@ -108,6 +115,7 @@ class GaussianQuantize(GaussianQuantizer):
         commitment_weight: float = 1.0,
         return_zeros_for_masked_padding: bool = True,
         search_in_train: bool = True,
+        loss_reduction: str = "element",
         **options,
     ) -> None:
         for name, v in (("dim", dim), ("heads", heads)):
@@ -118,6 +126,8 @@ class GaussianQuantize(GaussianQuantizer):
             raise ValueError(f"codebook_dim must be a positive int, got {codebook_dim!r}")
         if accept_image_fmap and accept_3d_fmap:
             raise ValueError("accept_image_fmap and accept_3d_fmap are exclusive")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
         if not commitment_weight >= 0:
             raise ValueError(f"commitment_weight must be >= 0, got {commitment_weight!r}")
         ignored = [k for k in options if k in IGNORED_OPTIONS]
@@ -141,6 +151,7 @@ class GaussianQuantize(GaussianQuantizer):
         self.freeze_codebook = freeze_codebook
         self.accept_3d_fmap = accept_3d_fmap
         self.commitment_weight = float(commitment_weight)
+        self.loss_reduction = loss_reduction
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         self.has_projections = inner != dim
         if self.has_projections:
@@ -271,7 +282,11 @@ class GaussianQuantize(GaussianQuantizer):
             quantized = (mean32 + torch.exp(0.5 * lv32) * noise).to(mean.dtype)
             rates = group_rates(mean32.movedim(axis, -1), lv32.movedim(axis, -1), self.codebook_dim, self.grouping)
             valid = rates[keep] if keep is not None else rates
-            loss = self.tdc(valid.reshape(-1)) if valid.numel() else zero
+            loss = self.tdc(valid.reshape(-1)) if valid.numel() else zero  # mean over tokens and groups
+            if self.loss_reduction == "element":
+                loss = loss / self.codebook_dim
+            elif self.loss_reduction == "sum":
+                loss = loss * (valid.numel() / mean.shape[0])
             stats = self.tdc.last_stats if valid.numel() else {}
             idx = self._quantize(mean.detach(), lv.detach(), axis)[1] if self.search_in_train else None
         tdc_loss = loss
