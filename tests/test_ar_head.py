@@ -47,7 +47,7 @@ def test_learns_a_conditional_code_and_samples_it(K, factorize_above):
     first = None
     for _ in range(60):
         loss = head.loss(cond, target)
-        first = first if first is not None else float(loss)
+        first = first if first is not None else float(loss.detach())
         opt.zero_grad()
         loss.backward()
         opt.step()

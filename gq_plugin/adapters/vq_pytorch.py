@@ -53,7 +53,7 @@ from collections import namedtuple
 import torch
 from torch import nn
 
-from ..quantizer import GaussianQuantizer
+from ..quantizer import GaussianQuantizer, unpack_posterior
 from ..rate import group_rates
 
 # VectorQuantize (1.32.0) constructor options with no meaning for a fixed Gaussian codebook
@@ -194,12 +194,7 @@ class GaussianQuantize(GaussianQuantizer):
 
     def _moments(self, x, logvar):
         """-> (moments in the core layout after project_in, the input's mean before it, 3d spatial shape or None)."""
-        if logvar is None and isinstance(x, (tuple, list)):
-            if len(x) != 2:
-                raise ValueError(f"x as a sequence must be (mean, logvar), got {len(x)} items")
-            x, logvar = x
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"x must be a tensor, got {type(x).__name__}")
+        x, logvar = unpack_posterior(x, logvar)
         if logvar is not None and (not isinstance(logvar, torch.Tensor) or logvar.shape != x.shape):
             raise ValueError(f"logvar must be a tensor shaped like mean {tuple(x.shape)}")
         fmap = self.accept_image_fmap or self.accept_3d_fmap
