@@ -40,16 +40,12 @@ def _distance_to_codewords(latents, gq):
     return float(d.min(1).values.max())
 
 
-def test_unswapped_forward_with_m4_is_the_reported_failure():
-    model = TokenBridgeMini()
-    with pytest.raises(IndexError, match="out of bounds"):  # TokenBridge indexes 16 channels of 4 group tokens
-        _old_style_m4(model)
-
-
-def _old_style_m4(model):
-    gq = GaussianQuantizer(16, 256, 4, search_backend="torch")
-    idx = gq.encode_indices(model.patchify(_inputs()))
-    return idx[..., model.channel_order]
+def test_tokenbridges_own_forward_with_m4_is_the_reported_failure():
+    """Why the head is rebuilt: TokenBridge's forward indexes 16 channels of the 4 group tokens."""
+    model = _swapped(4, 2**8)
+    with pytest.raises(IndexError, match="out of bounds"):
+        TokenBridgeMini.forward(model, _inputs(), torch.tensor([0, 1]))  # the class's forward, not the swapped one
+    assert torch.isfinite(model(_inputs(), torch.tensor([0, 1])))
 
 
 @pytest.mark.parametrize("m,K", [(4, 2**8), (16, 2**16)])
