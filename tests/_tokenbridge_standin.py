@@ -74,7 +74,7 @@ class TokenBridgeMini(nn.Module):
         return x.reshape(b, c, self.seq_h * p, self.seq_w * p)
 
     def random_masking(self, x, orders):
-        n = int(math.ceil(self.seq_len * 0.75))
+        n = math.ceil(self.seq_len * 0.75)
         mask = torch.zeros(x.shape[0], self.seq_len, device=x.device)
         return mask.scatter(1, orders[:, :n], torch.ones_like(mask))
 
@@ -120,7 +120,7 @@ class TokenBridgeMini(nn.Module):
         for step in range(num_iter):
             values = self.lookup(tokens)
             z = self.forward_mae_decoder(self.forward_mae_encoder(values, mask, cond), mask)
-            mask_len = max(1, min(int(mask[0].sum()) - 1, int(math.floor(self.seq_len * math.cos(math.pi / 2 * (step + 1) / num_iter)))))
+            mask_len = max(1, min(int(mask[0].sum()) - 1, math.floor(self.seq_len * math.cos(math.pi / 2 * (step + 1) / num_iter))))
             mask_next = torch.zeros_like(mask).scatter(1, orders[:, :mask_len], 1.0)
             to_pred = mask.bool() if step == num_iter - 1 else mask.bool() & ~mask_next.bool()
             feats, prev = z[to_pred], torch.zeros(int(to_pred.sum()), 0, dtype=torch.long)

@@ -38,7 +38,6 @@ EXAMPLES = [
 
 
 def _gq_input(shape, image):
-    b, *rest = shape
     if image:  # (b, d, h, w) -> (b, 2d, h, w)
         return torch.cat([torch.randn(shape), torch.full(shape, -4.0)], 1)
     return torch.cat([torch.randn(shape), torch.full(shape, -4.0)], -1)

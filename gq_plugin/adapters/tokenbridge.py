@@ -151,7 +151,7 @@ def sample_tokens(self, bsz: int, num_iter: int = 64, cfg: float = 1.0, cfg_sche
         if cfg != 1.0:
             z_u = self.forward_mae_decoder(self.forward_mae_encoder(values, mask, uncond), mask)
         remaining = int(mask[0].sum())
-        mask_len = max(1, min(remaining - 1, int(math.floor(seq_len * math.cos(math.pi / 2 * (step + 1) / num_iter)))))
+        mask_len = max(1, min(remaining - 1, math.floor(seq_len * math.cos(math.pi / 2 * (step + 1) / num_iter))))
         mask_next = torch.zeros_like(mask).scatter_(1, orders[:, :mask_len], 1.0)
         to_pred = mask.bool() if step == num_iter - 1 else mask.bool() & ~mask_next.bool()
         feats = z[to_pred]
