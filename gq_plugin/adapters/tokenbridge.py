@@ -320,8 +320,9 @@ def load_tokenbridge_checkpoint(model, checkpoint) -> dict:
     if untrained:
         warnings.warn(f"the GQ head ({len(untrained)} tensors) is not in a TokenBridge checkpoint: train it before sampling",
                       UserWarning, stacklevel=2)
-    left_out += [k for k in TABLES if k in state]
-    return {"loaded": [k for k in state if k not in TABLES], "left_out": left_out, "untrained": untrained}
+    table = "reconstruction_values"  # the pre-hook kept the GQ table (m = 1) or dropped it (m > 1)
+    left_out += [table] if table in state else []
+    return {"loaded": [k for k in state if k != table], "left_out": left_out, "untrained": untrained}
 
 
 def gq_post_training_quantize(posterior=None, *, mean: torch.Tensor | None = None, logvar: torch.Tensor | None = None,
