@@ -201,6 +201,17 @@ def read_config_tensor(t: torch.Tensor) -> dict:
     return out
 
 
+def unpack_posterior(x, logvar):
+    """``(x, logvar)`` from ``q(moments)``, ``q(mean, logvar)`` or ``q((mean, logvar))``; x must be a tensor."""
+    if logvar is None and isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"x as a sequence must be (mean, logvar), got {len(x)} items")
+        x, logvar = x
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a tensor, got {type(x).__name__}")
+    return x, logvar
+
+
 @dataclass
 class CodebookUsage:
     """Codebook usage of a set of indices."""
@@ -391,12 +402,7 @@ class GaussianQuantizer(nn.Module):
         return 2 if self.channel_last else 1
 
     def _split(self, x, logvar) -> tuple[torch.Tensor, torch.Tensor, int]:
-        if logvar is None and isinstance(x, (tuple, list)):
-            if len(x) != 2:
-                raise ValueError(f"x as a sequence must be (mean, logvar), got {len(x)} items")
-            x, logvar = x
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"x must be a tensor, got {type(x).__name__}")
+        x, logvar = unpack_posterior(x, logvar)
         axis = self._channel_axis(x.ndim, "x")
         if logvar is None:
             if x.shape[axis] != 2 * self.dim:

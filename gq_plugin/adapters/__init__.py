@@ -23,7 +23,10 @@ patch_taming_vqmodel,
 unpatch_taming_vqmodel
 GaussianQuantize,              :mod:`.vq_pytorch` (vector-quantize-pytorch API)
 register_with_vector_quantize_pytorch
-swap_tokenbridge_quantizer     :mod:`.tokenbridge`
+swap_tokenbridge_quantizer,    :mod:`.tokenbridge` (TokenBridge; its AR head: :mod:`._ar_head`)
+tokenbridge_gq_inputs,
+load_tokenbridge_checkpoint,
+gq_post_training_quantize
 GQAutoencoderWrapper           :mod:`.wrapper` (DDP-safe encode -> GQ -> decode)
 patch, unpatch, is_patched,    here (``HOSTS``: the host table, one row per host)
 gq_settings_from_state_dict
@@ -64,7 +67,7 @@ HOSTS: dict[str, Host] = {
     ),
     "tokenbridge": Host(
         "tokenbridge", "swap_tokenbridge_quantizer", "unswap_tokenbridge_quantizer",
-        ("swap_tokenbridge_quantizer", "tokenbridge_gq_inputs"),
+        ("swap_tokenbridge_quantizer", "tokenbridge_gq_inputs", "load_tokenbridge_checkpoint", "gq_post_training_quantize"),
     ),
     "sgm": Host("sgm", None, None, ("GaussianQuantRegularizer",)),
     "vq_pytorch": Host("vq_pytorch", None, None, ("GaussianQuantize", "register_with_vector_quantize_pytorch")),

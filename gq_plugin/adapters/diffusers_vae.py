@@ -39,6 +39,14 @@ from . import _patch
 from ._posterior import GQPosteriorMixin, from_host_layout, to_host_layout
 
 CONFIG_KEY = "gq"
+# First entry of config["gq"] (diffusers sorts config keys; upper case sorts first). A plain
+# AutoencoderKL.from_pretrained prints the whole entry in its "config attributes ... will be
+# ignored" warning, so this sentence is what a user who did not load through gq-plugin sees.
+LOAD_NOTE_KEY = "NOTE"
+LOAD_NOTE = (
+    "GQ (Gaussian Quant) VQ-VAE saved by gq-plugin: a plain AutoencoderKL.from_pretrained loads it as a continuous "
+    "VAE WITHOUT GQ (no tokens, no TDC). Load it with gq_plugin.adapters.load_pretrained_gq_vae(path)."
+)
 _RESERVED = ("dim", "accept_image_fmap", "channel_last")
 
 
@@ -68,10 +76,34 @@ def encode(self, x: torch.Tensor, return_dict: bool = True):
     return AutoencoderKLOutput(latent_dist=posterior)
 
 
+@contextmanager
+def _untiled(vae):
+    tiled = bool(getattr(vae, "use_tiling", False))
+    vae.use_tiling = False
+    try:
+        yield tiled
+    finally:
+        vae.use_tiling = tiled
+
+
 @torch.no_grad()
 def encode_indices(self, x: torch.Tensor) -> torch.Tensor:
-    """GQ indices ``(B, latent_channels / m, h, w)`` (int64) of images ``x``."""
-    moments = _patch.original(self, "encode")(x, return_dict=True).latent_dist.parameters
+    """GQ indices ``(B, latent_channels / m, h, w)`` (int64) of images ``x``.
+
+    Always the untiled encoding: diffusers' ``enable_tiling()`` blends the encoder's moments
+    across overlapping tiles, which changes the tokens at most positions, so tiling is switched
+    off for this call (and back on after it; a ``UserWarning`` says so). Encode smaller images
+    if the untiled encoder does not fit in memory.
+    """
+    with _untiled(self) as tiled:
+        if tiled:
+            warnings.warn(
+                "encode_indices ignores enable_tiling(): tiled encoding blends the moments of overlapping tiles and "
+                "changes the GQ tokens, so the indices come from the untiled encoder",
+                UserWarning,
+                stacklevel=3,
+            )
+        moments = _patch.original(self, "encode")(x, return_dict=True).latent_dist.parameters
     return to_host_layout(self.gq_quantizer.encode_indices(moments))
 
 
@@ -119,7 +151,7 @@ def patch_autoencoder_kl(vae, K: int = 2**16, m: int | None = None, **gq_kwargs)
     except AttributeError:
         pass
     _patch.install(vae, "diffusers", methods=_METHODS, attrs={_patch.QUANTIZER_ATTR: quantizer})
-    vae.register_to_config(**{CONFIG_KEY: quantizer.settings.to_dict()})  # the one serialisation (GQConfig)
+    vae.register_to_config(**{CONFIG_KEY: {LOAD_NOTE_KEY: LOAD_NOTE, **quantizer.settings.to_dict()}})  # the one serialisation (GQConfig)
     return vae
 
 
@@ -160,6 +192,7 @@ def patch_from_config(vae, config: dict | None = None):
     cfg = dict(config if config is not None else (gq_config(vae) or {}))
     if not cfg:
         raise ValueError(f"no '{CONFIG_KEY}' entry in the model config: this checkpoint was not saved from a GQ-patched VAE")
+    cfg.pop(LOAD_NOTE_KEY, None)
     channels = _latent_channels(vae)
     cfg.setdefault("dim", channels)  # format 1 did not store it
     settings = GQConfig.from_dict(cfg)
