@@ -47,6 +47,7 @@ _LAZY = {
     "GQSetting": "diffusers_vae",
     # ldm
     "patch_ldm_autoencoder": "ldm",
+    "GQAutoencoderKL": "ldm",
     "GQDiagonalGaussian": "_posterior",
     # sgm
     "GaussianQuantRegularizer": "sgm",
