@@ -42,8 +42,8 @@ def test_patched_first_stage_of_a_real_latent_diffusion():
         assert isinstance(posterior, DiagonalGaussianDistribution)
         z = ld.get_first_stage_encoding(posterior)
         idx = ld.first_stage_model.encode_indices(x)
-    assert idx.shape == (2, 4, 4, 2)
-    torch.testing.assert_close(z, 0.5 * ld.first_stage_model.gq_quantizer.dequant(idx), rtol=0, atol=0)
+    assert idx.shape == (2, 2, 4, 4)
+    torch.testing.assert_close(z, 0.5 * ld.first_stage_model.gq_quantizer.dequant(idx.permute(0, 2, 3, 1)), rtol=0, atol=0)
     ld.train()  # LatentDiffusion.train keeps the first stage (and its quantizer) in eval
     assert not ld.first_stage_model.gq_quantizer.training
 
@@ -67,7 +67,7 @@ def test_latent_diffusion_trains_on_a_gq_first_stage_from_its_config():
     assert all(p.grad is None for p in ld.first_stage_model.parameters())
     with torch.no_grad():
         z = ld.get_first_stage_encoding(ld.encode_first_stage(x))
-        z_hat = ld.first_stage_model.gq_quantizer.dequant(ld.first_stage_model.encode_indices(x))
+        z_hat = ld.first_stage_model.gq_quantizer.dequant(ld.first_stage_model.encode_indices(x).permute(0, 2, 3, 1))
     assert torch.equal(z, 0.5 * z_hat)
 
 
@@ -155,9 +155,9 @@ def test_eval_gq_and_indices():
     x = _images()
     with torch.no_grad():
         idx = model.encode_indices(x)
-        assert idx.shape == (2, 4, 4, 1)
+        assert idx.shape == (2, 1, 4, 4)
         post = model.encode(x)
-        assert torch.equal(post.sample(), post.mode()) and torch.equal(post.mode(), model.gq_quantizer.dequant(idx))
+        assert torch.equal(post.sample(), post.mode()) and torch.equal(post.mode(), model.gq_quantizer.dequant(idx.permute(0, 2, 3, 1)))
         dec, _ = model(x)
         assert torch.equal(dec, model.decode_indices(idx))
     wrapped = adapters.GQAutoencoderWrapper(model).eval()

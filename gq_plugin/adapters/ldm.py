@@ -35,7 +35,7 @@ import torch
 
 from ..quantizer import GaussianQuantizer
 from . import _patch, _stepping
-from ._posterior import GQDiagonalGaussian
+from ._posterior import GQDiagonalGaussian, from_host_layout, to_host_layout
 
 try:  # light: torch + numpy only
     from ldm.modules.distributions.distributions import DiagonalGaussianDistribution as _LdmDistribution
@@ -44,7 +44,6 @@ except Exception:  # ldm not installed, or another package named ldm
 
 HAS_LDM = _LdmDistribution is not None
 _REQUIRED = ("encoder", "quant_conv", "post_quant_conv", "decoder", "encode", "decode")
-_WEIGHTS = "_gq_ldm_weights"
 
 if HAS_LDM:
 
@@ -81,7 +80,7 @@ def _check_weight(name: str, value) -> float:
 def kl_factor(model) -> float:
     """``tdc_weight / host KL weight``: the factor ``kl()`` carries so the host's KL term equals
     ``tdc_weight * TDC``."""
-    w = model.__dict__[_WEIGHTS]
+    w = _patch.data(model)
     host = w["host_kl_weight"]
     if host is None:
         loss = getattr(model, "loss", None)
@@ -97,14 +96,14 @@ def encode(self, x: torch.Tensor):
 
 @torch.no_grad()
 def encode_indices(self, x: torch.Tensor) -> torch.Tensor:
-    """GQ indices of ``x`` (int64, the quantizer's index layout)."""
+    """GQ indices ``(B, embed_dim / m, h, w)`` (int64), lined up with the latent."""
     moments = _moments_of(_patch.original(self, "encode")(x))
-    return self.gq_quantizer.encode_indices(moments)
+    return to_host_layout(self.gq_quantizer.encode_indices(moments))
 
 
 def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
     """``decode(codebook[indices])``."""
-    z = self.gq_quantizer.dequant(indices)
+    z = self.gq_quantizer.dequant(from_host_layout(indices))
     ref = next(iter(self.post_quant_conv.parameters()), None) if hasattr(self.post_quant_conv, "parameters") else None
     if ref is not None:
         z = z.to(ref.dtype)
@@ -159,9 +158,14 @@ def patch_ldm_autoencoder(model, K: int = 2**16, m: int | None = None, *, tdc_we
     if ref is not None:
         quantizer.to(ref.device)
     quantizer.train(bool(getattr(model, "training", True)))
-    _patch.install(model, quantizer, _METHODS)
-    object.__setattr__(model, _WEIGHTS, {"tdc_weight": tdc_weight, "host_kl_weight": host_kl_weight})
+    _patch.install(model, "ldm", methods=_METHODS, attrs={_patch.QUANTIZER_ATTR: quantizer},
+                   data={"tdc_weight": tdc_weight, "host_kl_weight": host_kl_weight})
     return model
+
+
+def unpatch_ldm_autoencoder(model):
+    """Undo :func:`patch_ldm_autoencoder`; returns the removed quantizer."""
+    return _patch.uninstall(model, "ldm")
 
 
 def _gq_autoencoder_kl():
