@@ -84,11 +84,12 @@ def ldm_autoencoder(kl_weight: float = 1e-6, disc_start: int = 0, embed_dim: int
     return model
 
 
-def taming_vqmodel(n_embed: int = 64, embed_dim: int = 8, codebook_weight: float = 1.0, disc_start: int = 0, lr: float = 1e-3):
+def taming_vqmodel(n_embed: int = 64, embed_dim: int = 8, codebook_weight: float = 1.0, disc_start: int = 0, lr: float = 1e-3,
+                   **kwargs):
     """The real ``taming.models.vqgan.VQModel`` (tiny), with :class:`TamingLoss`."""
     VQModel = import_host("taming.models.vqgan").VQModel
     model = VQModel(TAMING_DDCONFIG, _module_config(TamingLoss, disc_start=disc_start, codebook_weight=codebook_weight),
-                    n_embed, embed_dim)
+                    n_embed, embed_dim, **kwargs)
     model.learning_rate = lr
     return model
 
