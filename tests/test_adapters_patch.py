@@ -37,7 +37,9 @@ def test_host_table_covers_every_adapter_module():
         assert (host.patch is None) == (host.unpatch is None)
     with pytest.raises(ValueError, match="host must be one of"):
         adapters.patch(LdmAutoencoderKL(), "nope")
-    with pytest.raises(ValueError, match="drop-in class GaussianQuantRegularizer"):
+    with pytest.raises(ValueError, match="drop-in class GaussianQuantize"):
+        adapters.patch(LdmAutoencoderKL(), "vq_pytorch")
+    with pytest.raises(ValueError, match="not an sgm AutoencodingEngine: missing 'regularization'"):
         adapters.patch(LdmAutoencoderKL(), "sgm")
 
 

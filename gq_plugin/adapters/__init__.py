@@ -66,7 +66,7 @@ HOSTS: dict[str, Host] = {
         "tokenbridge", "swap_tokenbridge_quantizer", "unswap_tokenbridge_quantizer",
         ("swap_tokenbridge_quantizer", "tokenbridge_gq_inputs"),
     ),
-    "sgm": Host("sgm", None, None, ("GaussianQuantRegularizer",)),
+    "sgm": Host("sgm", "patch_sgm_autoencoder", "unpatch_sgm_autoencoder", ("GaussianQuantRegularizer", "patch_sgm_autoencoder")),
     "vq_pytorch": Host("vq_pytorch", None, None, ("GaussianQuantize", "register_with_vector_quantize_pytorch")),
 }
 
