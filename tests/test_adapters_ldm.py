@@ -197,3 +197,10 @@ def test_kl_equals_quantizer_forward_loss_with_custom_logvar_range():
     post = GQDiagonalGaussian(params, q)
     _, _, loss = q(params)
     torch.testing.assert_close(post.kl().mean(), loss)
+
+
+def test_wrapper_loss_is_the_unscaled_tdc_loss():
+    model = adapters.patch_ldm_autoencoder(ldm_autoencoder(kl_weight=1e-6), K=2**6, m=2)
+    out = adapters.GQAutoencoderWrapper(model).train()(_images())
+    torch.testing.assert_close(out.loss, out.posterior.tdc_loss(), rtol=0, atol=0)
+    torch.testing.assert_close(1e-6 * out.posterior.kl().mean(), out.loss, rtol=1e-5, atol=0)

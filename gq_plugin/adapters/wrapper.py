@@ -66,7 +66,7 @@ class GQAutoencoderWrapper(nn.Module):
         posterior = _posterior_of(self.model.encode(x))
         if self.training:
             z = posterior.sample(generator)
-            loss = posterior.kl().mean()
+            loss = posterior.tdc_loss()  # unscaled: the host-KL-weight compensation belongs in kl() only
             indices = posterior.indices if self.return_indices_in_train else None
         else:
             z = posterior.mode()
