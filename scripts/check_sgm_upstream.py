@@ -9,18 +9,24 @@ It imports sgm's autoencoder modules from that checkout without running sgm's pa
 tests/_hosts.SgmLoss (GeneralLPIPSWithDiscriminator's contract without LPIPS, which needs
 torchvision).
 """
-import os, sys, types, warnings
+import os
+import sys
+import types
+import warnings
+
 warnings.simplefilter("ignore")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "tests"), ROOT]
 src = os.path.join(sys.argv[1], "sgm")
 for name, path in (("sgm", src), ("sgm.models", os.path.join(src, "models")), ("sgm.modules", os.path.join(src, "modules"))):
     mod = types.ModuleType(name); mod.__path__ = [path]; sys.modules[name] = mod  # skip the heavy package __init__s
-import torch
 import sgm.models.autoencoder as ae
-from _hosts import fit, steps_between, SgmLoss
+import torch
+from _hosts import fit, steps_between
+
 import gq_plugin.adapters.sgm as gsgm
 from gq_plugin import adapters
+
 print("sgm base class in use:", gsgm._Base)
 dd = dict(double_z=True, z_channels=4, resolution=8, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1], num_res_blocks=1, attn_resolutions=[], dropout=0.0, attn_type="vanilla")
 def engine(reg_params):

@@ -237,7 +237,10 @@ class SgmEngine(pl.LightningModule):
                  disc_start_iter: int = 0, lr: float = 1e-3):
         super().__init__()
         self.automatic_optimization = False
-        from ldm.modules.diffusionmodules.model import Decoder, Encoder  # the same Encoder/Decoder sgm ships
+        from ldm.modules.diffusionmodules.model import (  # the same Encoder/Decoder sgm ships
+            Decoder,
+            Encoder,
+        )
 
         cfg = dict(LDM_DDCONFIG, z_channels=z_channels, double_z=double_z)
         self.encoder = Encoder(**cfg)

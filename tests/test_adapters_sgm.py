@@ -9,7 +9,14 @@ in the real Lightning 1.9.5 ``Trainer``.
 import einops
 import pytest
 import torch
-from _hosts import SGM_COMMIT, SgmEngine, SgmLoss, fit, sgm_integer_roundtrip, steps_between
+from _hosts import (
+    SGM_COMMIT,
+    SgmEngine,
+    SgmLoss,
+    fit,
+    sgm_integer_roundtrip,
+    steps_between,
+)
 from einops import rearrange
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from torch import nn

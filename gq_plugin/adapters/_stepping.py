@@ -26,7 +26,7 @@ import weakref
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-_ARMED: "weakref.WeakSet" = weakref.WeakSet()  # constraints backpropagated since their last step
+_ARMED: weakref.WeakSet = weakref.WeakSet()  # constraints backpropagated since their last step
 _HOOK = None
 _FLAG = "_gq_step_on_optimizer"
 _BEFORE = "_gq_pending_before_forward"

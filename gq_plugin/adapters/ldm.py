@@ -29,7 +29,6 @@ sample, and ``kl()`` carries the TDC loss.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
@@ -38,7 +37,9 @@ from . import _patch, _stepping
 from ._posterior import GQDiagonalGaussian, from_host_layout, to_host_layout
 
 try:  # light: torch + numpy only
-    from ldm.modules.distributions.distributions import DiagonalGaussianDistribution as _LdmDistribution
+    from ldm.modules.distributions.distributions import (
+        DiagonalGaussianDistribution as _LdmDistribution,
+    )
 except Exception:  # ldm not installed, or another package named ldm
     _LdmDistribution = None
 
@@ -67,16 +68,6 @@ def _moments_of(encoded) -> torch.Tensor:
     )
 
 
-def _check_weight(name: str, value) -> float:
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(
-            f"{name} = {value!r} must be a finite number > 0: the host multiplies posterior.kl(), which carries the TDC "
-            "loss, by it, and a zero weight would switch TDC off"
-        )
-    return value
-
-
 def kl_factor(model) -> float:
     """``tdc_weight / host KL weight``: the factor ``kl()`` carries so the host's KL term equals
     ``tdc_weight * TDC``."""
@@ -85,7 +76,7 @@ def kl_factor(model) -> float:
     if host is None:
         loss = getattr(model, "loss", None)
         host = getattr(loss, "kl_weight", 1.0)
-        return w["tdc_weight"] / _check_weight("the host's KL weight model.loss.kl_weight", host)
+        return w["tdc_weight"] / _patch.check_weight("the host's KL weight model.loss.kl_weight", host)
     return w["tdc_weight"] / host
 
 
@@ -146,9 +137,9 @@ def patch_ldm_autoencoder(model, K: int = 2**16, m: int | None = None, *, tdc_we
     missing = [a for a in _REQUIRED if not hasattr(model, a)]
     if missing:
         raise ValueError(f"not an ldm-style autoencoder: missing {missing} (needs {list(_REQUIRED)})")
-    tdc_weight = _check_weight("tdc_weight", tdc_weight)
+    tdc_weight = _patch.check_weight("tdc_weight", tdc_weight)
     if host_kl_weight is not None:
-        host_kl_weight = _check_weight("host_kl_weight", host_kl_weight)
+        host_kl_weight = _patch.check_weight("host_kl_weight", host_kl_weight)
     channels = _embed_dim(model)
     m = channels if m is None else m
     _patch.check_codebook_dim(channels, m)

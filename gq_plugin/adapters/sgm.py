@@ -56,16 +56,6 @@ INDEX_LAYOUTS = ("auto", "position", "grouped")
 _INT64_MAX = 2**63 - 1
 
 
-def _positive(name: str, value) -> float:
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(
-            f"{name} = {value!r} must be a finite number > 0: it scales the TDC loss the host adds to its loss "
-            "(a zero weight switches TDC off)"
-        )
-    return value
-
-
 class GaussianQuantRegularizer(_Base):
     """``forward(z[B, 2*dim, H, W]) -> (z, log)``.
 
@@ -94,8 +84,8 @@ class GaussianQuantRegularizer(_Base):
         self.gq = GaussianQuantizer(dim, codebook_size, codebook_dim, accept_image_fmap=True, **gq_kwargs)
         _stepping.configure(self.gq, gq_kwargs)
         self.log_perplexity = log_perplexity
-        self.tdc_weight = _positive("tdc_weight", tdc_weight)
-        self.host_weight = None if host_weight is None else _positive("host_weight", host_weight)
+        self.tdc_weight = _patch.check_weight("tdc_weight", tdc_weight)
+        self.host_weight = None if host_weight is None else _patch.check_weight("host_weight", host_weight)
         self.loss_key = loss_key
         g, k = self.gq.num_codebooks, self.gq.codebook_size
         fits = g == 1 or k**g <= _INT64_MAX
@@ -217,7 +207,7 @@ def _regularization_weight(loss: nn.Module, key: str) -> float:
             f"the engine's loss.regularization_weights has no {key!r} entry (has {sorted(weights)}): the TDC loss would "
             f"not reach the autoencoder loss; add {key}: 1.0"
         )
-    return _positive(f"loss.regularization_weights[{key!r}]", weights[key])
+    return _patch.check_weight(f"loss.regularization_weights[{key!r}]", weights[key])
 
 
 def _latent_dim(engine) -> int:
