@@ -15,9 +15,11 @@ load_pretrained_gq_vae,
 patch_from_config,
 suggest_gq_settings,
 GQDiagonalGaussianDistribution
-patch_ldm_autoencoder,         :mod:`.ldm` (CompVis ldm ``AutoencoderKL`` interface)
+patch_ldm_autoencoder,         :mod:`.ldm` (ldm ``AutoencoderKL``; ``GQAutoencoderKL`` is a
+GQAutoencoderKL,               config target that patches itself before loading a checkpoint)
 GQDiagonalGaussian
-GaussianQuantRegularizer       :mod:`.sgm` (generative-models ``AbstractRegularizer``)
+GaussianQuantRegularizer,      :mod:`.sgm` (generative-models ``AbstractRegularizer``;
+patch_sgm_autoencoder          ``patch_sgm_autoencoder`` swaps an engine's regularizer)
 GaussianVectorQuantizer,       :mod:`.taming` (taming ``VectorQuantizer2`` / ``VQModel``)
 patch_taming_vqmodel,
 unpatch_taming_vqmodel
