@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -114,6 +115,11 @@ class TargetDivergenceConstraint(nn.Module):
             each autoencoder optimizer step.
         sync_distributed: all-reduce the batch statistics when ``torch.distributed`` is
             initialised (mean by sum/count, min by MIN, max by MAX).
+        clamp_patience: warn once (``RuntimeWarning``) when ``lam_global`` has sat at an end of
+            ``lam_global_range`` for this many consecutive steps: the constraint is inactive or
+            overwhelmed (e.g. a host KL weight of 1e-6 scaling the TDC loss, or a loss that never
+            reaches the optimizer). Checked every ``clamp_patience`` steps (one host sync each);
+            0 disables it.
     """
 
     def __init__(
@@ -125,6 +131,7 @@ class TargetDivergenceConstraint(nn.Module):
         settings: TDCSettings | None = None,
         auto_step: bool = True,
         sync_distributed: bool = True,
+        clamp_patience: int = 200,
         **fields,
     ) -> None:
         super().__init__()
@@ -146,6 +153,13 @@ class TargetDivergenceConstraint(nn.Module):
         self.register_buffer("lam_max", torch.ones(()))
         self.register_buffer("lam_min", torch.ones(()))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+        if isinstance(clamp_patience, bool) or not isinstance(clamp_patience, int) or clamp_patience < 0:
+            raise ValueError(f"clamp_patience must be an int >= 0, got {clamp_patience!r}")
+        self.clamp_patience = clamp_patience
+        # consecutive steps with lam_global at a clamp (on-device; read every clamp_patience steps)
+        self.register_buffer("_steps_at_clamp", torch.zeros((), dtype=torch.long), persistent=False)
+        self._steps_since_check = 0
+        self._clamp_warned = False
         # Pending statistics since the last step(): [sum, count, min, max] (float64).
         self._pending: torch.Tensor | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
@@ -248,8 +262,35 @@ class TargetDivergenceConstraint(nn.Module):
         self.lam_max.mul_(f_max).clamp_(*self.lam_max_range)
         self.lam_min.mul_(f_min).clamp_(*self.lam_min_range)
         self.num_steps.add_(1)
+        self._watch_clamp()
         self.last_stats.update({"bits-mean-global": mean.float(), "bits-min-global": rmin.float(), "bits-max-global": rmax.float()})
         return True
+
+    def _watch_clamp(self) -> None:
+        if not self.clamp_patience or self._clamp_warned:
+            return
+        lo, hi = self.lam_global_range
+        at = (self.lam_global <= lo) | (self.lam_global >= hi)
+        self._steps_at_clamp.copy_(torch.where(at, self._steps_at_clamp + 1, torch.zeros_like(self._steps_at_clamp)))
+        self._steps_since_check += 1
+        if self._steps_since_check < self.clamp_patience:
+            return
+        self._steps_since_check = 0
+        run = int(self._steps_at_clamp)
+        if run >= self.clamp_patience:
+            self._clamp_warned = True
+            lam = float(self.lam_global)
+            side = "upper" if lam >= math.sqrt(lo * hi) else "lower"
+            why = ("the rates stay above the target however hard TDC pulls: its loss is too weak to act (a host KL "
+                   "weight such as ldm's kl_weight=1e-6 scaling it, or a loss that never reaches the optimizer)"
+                   if side == "upper" else "the rates stay below the target even at the weakest weight")
+            warnings.warn(
+                f"TDC multipliers have sat at their {side} clamp for {run} consecutive steps (lam={lam:g}, "
+                f"lam-max={float(self.lam_max):g}, lam-min={float(self.lam_min):g}, lam_global_range={self.lam_global_range}): "
+                f"{why}; the constraint is inactive or overwhelmed (target {self.target_bits:g} bits)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def multipliers(self) -> dict[str, float]:
         """Current multipliers as Python floats (forces a host sync; for logging)."""

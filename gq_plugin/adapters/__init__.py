@@ -15,9 +15,11 @@ load_pretrained_gq_vae,
 patch_from_config,
 suggest_gq_settings,
 GQDiagonalGaussianDistribution
-patch_ldm_autoencoder,         :mod:`.ldm` (CompVis ldm ``AutoencoderKL`` interface)
+patch_ldm_autoencoder,         :mod:`.ldm` (ldm ``AutoencoderKL``; ``GQAutoencoderKL`` is a
+GQAutoencoderKL,               config target that patches itself before loading a checkpoint)
 GQDiagonalGaussian
-GaussianQuantRegularizer       :mod:`.sgm` (generative-models ``AbstractRegularizer``)
+GaussianQuantRegularizer,      :mod:`.sgm` (generative-models ``AbstractRegularizer``;
+patch_sgm_autoencoder          ``patch_sgm_autoencoder`` swaps an engine's regularizer)
 GaussianVectorQuantizer,       :mod:`.taming` (taming ``VectorQuantizer2`` / ``VQModel``)
 patch_taming_vqmodel,
 unpatch_taming_vqmodel
@@ -60,7 +62,7 @@ HOSTS: dict[str, Host] = {
         ("patch_sd3_vae", "patch_autoencoder_kl", "load_pretrained_gq_vae", "patch_from_config", "suggest_gq_settings",
          "GQDiagonalGaussianDistribution"),
     ),
-    "ldm": Host("ldm", "patch_ldm_autoencoder", "unpatch_ldm_autoencoder", ("patch_ldm_autoencoder",)),
+    "ldm": Host("ldm", "patch_ldm_autoencoder", "unpatch_ldm_autoencoder", ("patch_ldm_autoencoder", "GQAutoencoderKL")),
     "taming": Host(
         "taming", "patch_taming_vqmodel", "unpatch_taming_vqmodel",
         ("GaussianVectorQuantizer", "patch_taming_vqmodel", "unpatch_taming_vqmodel"),
@@ -69,7 +71,7 @@ HOSTS: dict[str, Host] = {
         "tokenbridge", "swap_tokenbridge_quantizer", "unswap_tokenbridge_quantizer",
         ("swap_tokenbridge_quantizer", "tokenbridge_gq_inputs", "load_tokenbridge_checkpoint", "gq_post_training_quantize"),
     ),
-    "sgm": Host("sgm", None, None, ("GaussianQuantRegularizer",)),
+    "sgm": Host("sgm", "patch_sgm_autoencoder", "unpatch_sgm_autoencoder", ("GaussianQuantRegularizer", "patch_sgm_autoencoder")),
     "vq_pytorch": Host("vq_pytorch", None, None, ("GaussianQuantize", "register_with_vector_quantize_pytorch")),
 }
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import types
 
 from ..codebook import divisors
@@ -65,6 +66,18 @@ def check_codebook_dim(latent_channels: int, m: int) -> None:
             f"m (channels per sub-codebook) = {m!r} must be a positive divisor of the model's "
             f"latent channels ({latent_channels}); valid m: {divisors(latent_channels)}"
         )
+
+
+def check_weight(name: str, value) -> float:
+    """``float(value)``, or ``ValueError`` naming ``name`` unless it is finite and > 0 (a loss weight
+    the host multiplies the TDC loss by: zero would switch TDC off)."""
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"{name} = {value!r} must be a finite number > 0: it scales the TDC loss in the host's loss "
+            "(a zero weight switches TDC off)"
+        )
+    return value
 
 
 def record(model) -> dict | None:

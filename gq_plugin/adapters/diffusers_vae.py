@@ -18,6 +18,7 @@ KL/TDC is defined; pipelines apply their latent normalisation on top as before.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -53,9 +54,10 @@ _RESERVED = ("dim", "accept_image_fmap", "channel_last")
 class GQDiagonalGaussianDistribution(GQPosteriorMixin, DiagonalGaussianDistribution):
     """diffusers ``DiagonalGaussianDistribution`` whose sample/mode/kl follow GQ + TDC."""
 
-    def __init__(self, parameters: torch.Tensor, quantizer: GaussianQuantizer, deterministic: bool = False) -> None:
+    def __init__(self, parameters: torch.Tensor, quantizer: GaussianQuantizer, deterministic: bool = False,
+                 kl_scale=None) -> None:
         DiagonalGaussianDistribution.__init__(self, parameters, deterministic)
-        self._gq_init(quantizer)
+        self._gq_init(quantizer, kl_scale)
 
     def _gaussian_sample(self, generator=None):
         return DiagonalGaussianDistribution.sample(self, generator)
@@ -70,7 +72,9 @@ class GQDiagonalGaussianDistribution(GQPosteriorMixin, DiagonalGaussianDistribut
 
 def encode(self, x: torch.Tensor, return_dict: bool = True):
     out = _patch.original(self, "encode")(x, return_dict=True)
-    posterior = GQDiagonalGaussianDistribution(out.latent_dist.parameters, self.gq_quantizer)
+    w = _patch.data(self)
+    scale = None if w.get("host_kl_weight") is None else functools.partial(float, w["tdc_weight"] / w["host_kl_weight"])
+    posterior = GQDiagonalGaussianDistribution(out.latent_dist.parameters, self.gq_quantizer, kl_scale=scale)
     if not return_dict:
         return (posterior,)
     return AutoencoderKLOutput(latent_dist=posterior)
@@ -126,7 +130,8 @@ def _latent_channels(vae) -> int:
         raise ValueError("expected a diffusers AutoencoderKL (config.latent_channels missing)") from e
 
 
-def patch_autoencoder_kl(vae, K: int = 2**16, m: int | None = None, **gq_kwargs):
+def patch_autoencoder_kl(vae, K: int = 2**16, m: int | None = None, *, host_kl_weight: float | None = None,
+                         tdc_weight: float = 1.0, **gq_kwargs):
     """Patch any diffusers ``AutoencoderKL`` in place with Gaussian Quant + TDC.
 
     Args:
@@ -136,6 +141,11 @@ def patch_autoencoder_kl(vae, K: int = 2**16, m: int | None = None, **gq_kwargs)
             one codebook index per latent position).
         **gq_kwargs: forwarded to :class:`~gq_plugin.GaussianQuantizer` (``grouping``,
             ``codebook``, ``seed``, ``beta``, ``tolerance``, ``lam_factor``, ``tdc_auto_step``, ...).
+        host_kl_weight: the weight your training loop multiplies ``posterior.kl()`` by (the
+            diffusers ``train_autoencoderkl.py`` example's ``--kl_scale``, 1e-6 by default). ``kl()``
+            is divided by it so the loop's KL term is ``tdc_weight * TDC``; ``None``: ``kl()`` is the
+            TDC loss itself. diffusers models carry no loss module to read it from.
+        tdc_weight: the weight the TDC loss should have in that term (with ``host_kl_weight``).
 
     Returns the same ``vae`` (patched).
     """
@@ -150,8 +160,13 @@ def patch_autoencoder_kl(vae, K: int = 2**16, m: int | None = None, **gq_kwargs)
         quantizer.to(vae.device)
     except AttributeError:
         pass
-    _patch.install(vae, "diffusers", methods=_METHODS, attrs={_patch.QUANTIZER_ATTR: quantizer})
-    vae.register_to_config(**{CONFIG_KEY: {LOAD_NOTE_KEY: LOAD_NOTE, **quantizer.settings.to_dict()}})  # the one serialisation (GQConfig)
+    weights = {"tdc_weight": _patch.check_weight("tdc_weight", tdc_weight), "host_kl_weight": None}
+    saved = {LOAD_NOTE_KEY: LOAD_NOTE, **quantizer.settings.to_dict()}  # the one serialisation (GQConfig)
+    if host_kl_weight is not None:
+        weights["host_kl_weight"] = _patch.check_weight("host_kl_weight", host_kl_weight)
+        saved.update(weights)  # saved with the model, re-applied by patch_from_config
+    _patch.install(vae, "diffusers", methods=_METHODS, attrs={_patch.QUANTIZER_ATTR: quantizer}, data=weights)
+    vae.register_to_config(**{CONFIG_KEY: saved})
     return vae
 
 
@@ -193,6 +208,7 @@ def patch_from_config(vae, config: dict | None = None):
     if not cfg:
         raise ValueError(f"no '{CONFIG_KEY}' entry in the model config: this checkpoint was not saved from a GQ-patched VAE")
     cfg.pop(LOAD_NOTE_KEY, None)
+    weights = {k: cfg.pop(k) for k in ("tdc_weight", "host_kl_weight") if k in cfg}
     channels = _latent_channels(vae)
     cfg.setdefault("dim", channels)  # format 1 did not store it
     settings = GQConfig.from_dict(cfg)
@@ -200,7 +216,7 @@ def patch_from_config(vae, config: dict | None = None):
         raise ValueError(f"config['{CONFIG_KEY}'] is for {settings.dim} latent channels, this model has {channels}")
     if _patch.is_patched(vae):
         unpatch(vae)
-    return patch_autoencoder_kl(vae, **_patch.to_patch_kwargs(settings.flat()))
+    return patch_autoencoder_kl(vae, **_patch.to_patch_kwargs(settings.flat()), **weights)
 
 
 @contextmanager

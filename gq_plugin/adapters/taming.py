@@ -30,7 +30,7 @@ from torch import nn
 
 from ..codebook import ungroup_channels
 from ..quantizer import GaussianQuantizer
-from . import _patch
+from . import _patch, _stepping
 
 
 class GaussianVectorQuantizer(nn.Module):
@@ -45,7 +45,10 @@ class GaussianVectorQuantizer(nn.Module):
         sane_index_shape: return indices ``(B, H, W[, G])`` instead of flat.
         loss_reduction: ``"element"`` (default), ``"group"`` or ``"sum"`` (module docstring).
         codebook_dim: m channels per sub-codebook (default ``e_dim``).
-        **gq_kwargs: :class:`~gq_plugin.GaussianQuantizer` keywords.
+        **gq_kwargs: :class:`~gq_plugin.GaussianQuantizer` keywords. Without ``tdc_auto_step`` the
+            TDC multipliers move once per autoencoder optimizer step, also inside ``VQModel``'s own
+            Lightning ``training_step`` whose discriminator pass runs this quantizer too
+            (:mod:`gq_plugin.adapters._stepping`).
     """
 
     def __init__(self, n_e: int, e_dim: int, beta: float = 0.25, remap=None, unknown_index="random",
@@ -64,6 +67,7 @@ class GaussianVectorQuantizer(nn.Module):
         self.remap = None
         self.sane_index_shape = sane_index_shape
         self.gq = GaussianQuantizer(e_dim, n_e, codebook_dim, accept_image_fmap=True, **gq_kwargs)
+        _stepping.configure(self.gq, gq_kwargs)
 
     @property
     def re_embed(self) -> int:
@@ -153,6 +157,7 @@ def patch_taming_vqmodel(model, K: int | None = None, m: int | None = None, logv
     new_conv = _widen_quant_conv(old_conv, logvar_init)
     sane = bool(getattr(old_q, "sane_index_shape", False))
     gq = GaussianVectorQuantizer(K, embed_dim, sane_index_shape=sane, codebook_dim=m, **gq_kwargs).to(new_conv.weight.device)
+    gq.train(bool(getattr(model, "training", True)))
     _patch.install(model, "taming", attrs={"quant_conv": new_conv, "quantize": gq}, quantizer="quantize")
     return model
 

@@ -76,7 +76,8 @@ class GQAutoencoderWrapper(nn.Module):
     def _gq(self, posterior, generator):
         if self.training:
             indices = posterior.indices if self.return_indices_in_train else None
-            return posterior.sample(generator), posterior.kl().mean(), indices
+            # unscaled: the host-KL-weight compensation belongs in kl() only
+            return posterior.sample(generator), posterior.tdc_loss(), indices
         return posterior.mode(), torch.zeros((), device=posterior.mean.device), posterior.indices
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> GQAutoencoderOutput:
