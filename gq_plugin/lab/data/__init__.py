@@ -7,7 +7,7 @@ Command line (the ``gq data`` CLI calls :func:`fetch_main`)::
     python -m gq_plugin.lab.data list
 """
 
-from .dataset import PhotoDataset, list_images, split_by_photo
+from .dataset import PhotoDataset, ResumableSampler, list_images, split_by_photo
 from .extract import edj_largest_jpeg, rcc_entries
 from .photos import ensure_photos, fetch_main, fetch_photos, wheel_photos
 from .sources import (
@@ -26,6 +26,7 @@ __all__ = [
     "PHOTO_SETS",
     "DebianSource",
     "PhotoDataset",
+    "ResumableSampler",
     "default_data_dir",
     "edj_largest_jpeg",
     "ensure_photos",
