@@ -80,7 +80,7 @@ class CodebookUsage:
 
 def codebook_usage(indices: torch.Tensor, codebook_size: int) -> CodebookUsage:
     """Usage fraction, entropy (bits) and perplexity of ``indices`` over a codebook of size K."""
-    idx = indices.detach().reshape(-1).long()
+    idx = cbm.as_index_tensor(indices).detach().reshape(-1)
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= codebook_size):
         raise ValueError(f"indices must lie in [0, {codebook_size}), got range [{int(idx.min())}, {int(idx.max())}]")
     counts = torch.bincount(idx.cpu(), minlength=codebook_size)
@@ -116,7 +116,9 @@ class GaussianQuantizer(nn.Module):
             search per step). Otherwise training returns ``indices=None``.
         search_backend: force ``"torch"``, ``"cpp"`` or ``"cuda"`` (default: fastest available;
             ``GQ_SEARCH_BACKEND`` also works).
-        check_finite: raise ``ValueError`` on NaN/inf mean or logvar (one host sync per call).
+        check_finite: in training (and :meth:`rates`), raise ``ValueError`` on NaN/inf mean or
+            logvar and on a non-finite TDC loss (one host sync per call). The search (eval,
+            :meth:`quantize`) always validates its input, whatever this flag says.
     """
 
     def __init__(
@@ -307,11 +309,26 @@ class GaussianQuantizer(nn.Module):
                 )
             if mean.shape[axis] != self.dim:
                 raise ValueError(f"mean must have dim={self.dim} channels on axis {axis}, got {mean.shape[axis]} (shape {tuple(mean.shape)})")
-        if self.check_finite:
-            for name, t in (("mean", mean), ("logvar", logvar)):
-                if not torch.isfinite(t).all():
-                    raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+        for name, t in (("mean", mean), ("logvar", logvar)):
+            if not t.dtype.is_floating_point:  # a bool "posterior" would be all ones, an int one truncated
+                raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
         return mean, logvar, axis
+
+    def _check_finite(self, mean: torch.Tensor, logvar: torch.Tensor, loss: torch.Tensor | None = None) -> None:
+        """One host sync: NaN/inf in mean / logvar (and a non-finite TDC loss) raise ValueError."""
+        flags = [torch.isfinite(mean).all(), torch.isfinite(logvar).all()]
+        if loss is not None:
+            flags.append(torch.isfinite(loss).all())
+        ok = torch.stack(flags).tolist()
+        if not ok[0]:
+            raise ValueError("mean contains non-finite values (NaN or inf)")
+        if not ok[1]:
+            raise ValueError("logvar contains non-finite values (NaN or inf)")
+        if loss is not None and not ok[2]:
+            raise ValueError(
+                f"TDC loss is not finite ({float(loss)}): the rates overflow float32, |mean| reaches "
+                f"{float(mean.detach().abs().max()):.3g}; the encoder has diverged (lower the learning rate or resume from a checkpoint)"
+            )
 
     def _to_groups(self, t: torch.Tensor, axis: int) -> torch.Tensor:
         """(layout) -> (B, *spatial, G, m), float32."""
@@ -331,6 +348,8 @@ class GaussianQuantizer(nn.Module):
     def rates(self, x, logvar: torch.Tensor | None = None) -> torch.Tensor:
         """Group rates in bits, shaped like the indices: (B, G, H, W) / (B, N, G) / (B, G)."""
         mean, logvar, axis = self._split(x, logvar)
+        if self.check_finite:
+            self._check_finite(mean, logvar)
         # clamp like forward() and the search do, so rates() matches the TDC loss of forward()
         lv = logvar.float().clamp(*self.logvar_range)
         r = group_rates(mean.float().movedim(axis, -1), lv.movedim(axis, -1), self.codebook_dim, self.grouping)
@@ -344,9 +363,9 @@ class GaussianQuantizer(nn.Module):
 
     def _quantize(self, mean: torch.Tensor, logvar: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
         mu_g = self._to_groups(mean, axis)
-        lv_g = self._to_groups(logvar, axis).clamp(*self.logvar_range)
+        lv_g = self._to_groups(logvar, axis)
         lead = mu_g.shape[:-1]  # (B, *spatial, G)
-        with torch.no_grad():
+        with torch.no_grad():  # gq_search validates (NaN/inf raise, one sync) and clamps logvar
             idx = gq_search(
                 mu_g.reshape(-1, self.codebook_dim),
                 lv_g.reshape(-1, self.codebook_dim),
@@ -356,6 +375,7 @@ class GaussianQuantizer(nn.Module):
                 features=self._codebook_features,
                 tile_n=self.tile_n,
                 tile_k=self.tile_k,
+                logvar_range=self.logvar_range,
             ).reshape(lead)
         z = cbm.ungroup_channels(self._codebook[idx], self.grouping)
         z_hat = self._from_channel_last(z, axis).to(mean.dtype)
@@ -372,10 +392,7 @@ class GaussianQuantizer(nn.Module):
         return self._codebook[idx]
 
     def _check_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        if not isinstance(indices, torch.Tensor):
-            raise ValueError(f"indices must be a tensor, got {type(indices).__name__}")
-        if indices.dtype.is_floating_point or indices.dtype == torch.bool or indices.is_complex():
-            raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
+        indices = cbm.as_index_tensor(indices)  # int64; uint16/32/64 accepted, floats/bools refused
         if self.accept_image_fmap:
             if indices.ndim != 4 or indices.shape[1] != self.num_codebooks:
                 raise ValueError(f"indices must be (B, {self.num_codebooks}, H, W), got {tuple(indices.shape)}")
@@ -432,6 +449,10 @@ class GaussianQuantizer(nn.Module):
         noise = torch.randn(mean32.shape, generator=generator, device=mean32.device, dtype=mean32.dtype)
         sample = (mean32 + std * noise).to(mean.dtype)
         rates = group_rates(mean32.movedim(axis, -1), lv32.movedim(axis, -1), self.codebook_dim, self.grouping)
+        if rates.numel() == 0:
+            raise ValueError(f"x has no tokens to quantize (shape {tuple(x.shape) if isinstance(x, torch.Tensor) else tuple(mean.shape)})")
+        if self.check_finite:  # before the TDC records this batch's statistics
+            self._check_finite(mean, logvar, self.tdc.per_sample_loss(rates.float()))
         loss = self.tdc(rates)
         idx = None
         if self.search_in_train:
