@@ -9,7 +9,9 @@ Divergence Constraint (TDC) of "Vector Quantization using Gaussian Variational A
 from .codebook import codebook_fingerprint, group_channels, group_index_map, make_codebook, ungroup_channels
 from .quantizer import CodebookUsage, GaussianQuantizer, codebook_usage
 from .rate import (
+    BandStats,
     RateStats,
+    band_statistics,
     bits_per_pixel,
     bits_per_token,
     group_rates,
@@ -36,6 +38,8 @@ __all__ = [
     "group_rates",
     "rate_statistics",
     "RateStats",
+    "band_statistics",
+    "BandStats",
     "recommend_codebook",
     "bits_per_token",
     "bits_per_pixel",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .codebook import check_grouping, divisors, group_channels
@@ -107,6 +108,105 @@ def rate_statistics(
         histogram=hist,
         bin_edges=edges,
         count=r.numel(),
+    )
+
+
+# --------------------------------------------------------------------------- band statistics
+
+BAND_QUANTILES = (0.01, 0.05, 0.5, 0.95, 0.99)
+
+
+def band_masks(rates: torch.Tensor, target_bits: float, tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(over, under)`` boolean masks of the TDC band ``[T - alpha, T + alpha]``.
+
+    ``over``: ``R_g > T + alpha`` (over budget: GQ loses information, the paper's Theorem 3.2);
+    ``under``: ``R_g < T - alpha`` (under budget: codebook capacity unused). The one definition
+    used by the TDC weights and controllers, the band statistics and :func:`recommend_codebook`.
+    """
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    return rates > target_bits + tolerance, rates < target_bits - tolerance
+
+
+@dataclass
+class BandStats:
+    """Where a set of group rates lies relative to the TDC band ``[T - alpha, T + alpha]``.
+
+    Shares are fractions of all (token, group) rates; ``in_band + over_budget + under_budget = 1``.
+    ``quantiles`` maps a probability to the rate (bits) at that quantile (linear interpolation).
+    """
+
+    target_bits: float
+    tolerance: float
+    count: int
+    in_band: float
+    over_budget: float
+    under_budget: float
+    mean: float
+    min: float
+    max: float
+    mean_excess: float  # E[max(R_g - (T + alpha), 0)] bits per group
+    quantiles: dict[float, float]
+
+    def as_dict(self) -> dict[str, float]:
+        """Flat logger keys: ``band-in``, ``band-over``, ``band-under``, ``band-excess``, ``bits-qNN``."""
+        out = {"band-in": self.in_band, "band-over": self.over_budget, "band-under": self.under_budget, "band-excess": self.mean_excess}
+        out.update({f"bits-q{round(q * 100):02d}": v for q, v in self.quantiles.items()})
+        return out
+
+    def to_json(self) -> dict:
+        """JSON-ready dict (quantile keys as ``"q01"``, ...)."""
+        return {"target_bits": self.target_bits, "tolerance": self.tolerance, "count": self.count, "in_band": self.in_band,
+                "over_budget": self.over_budget, "under_budget": self.under_budget, "mean": self.mean, "min": self.min,
+                "max": self.max, "mean_excess": self.mean_excess,
+                "quantiles": {f"q{round(q * 100):02d}": v for q, v in self.quantiles.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "BandStats":
+        """Inverse of :meth:`to_json` (extra keys, e.g. ``codebook_size``, are ignored)."""
+        names = ("target_bits", "tolerance", "count", "in_band", "over_budget", "under_budget", "mean", "min", "max", "mean_excess")
+        return cls(**{k: d[k] for k in names}, quantiles={int(k[1:]) / 100: v for k, v in d["quantiles"].items()})
+
+    def table(self) -> str:
+        """One-row Markdown table (shares in percent, rates in bits)."""
+        qs = list(self.quantiles)
+        head = ("| group rates (bits) | in band | over budget | under budget | mean | "
+                + " | ".join(f"q{round(q * 100):02d}" for q in qs) + " | max |")
+        band = f"{self.target_bits - self.tolerance:g}-{self.target_bits + self.tolerance:g}"
+        row = (f"| {self.count} rates, band {band} | {100 * self.in_band:.1f}% | {100 * self.over_budget:.1f}% | "
+               f"{100 * self.under_budget:.1f}% | {self.mean:.2f} | " + " | ".join(f"{self.quantiles[q]:.2f}" for q in qs)
+               + f" | {self.max:.2f} |")
+        return "\n".join([head, "|" + "---|" * (len(qs) + 6), row])
+
+
+def band_statistics(
+    rates: torch.Tensor, target_bits: float, tolerance: float = 0.5, quantiles: tuple[float, ...] = BAND_QUANTILES
+) -> BandStats:
+    """Shares of ``rates`` (any shape, bits) in band / over budget (``> T + alpha``) / under budget
+    (``< T - alpha``), the mean excess over the band, and quantiles.
+
+    >>> s = band_statistics(torch.tensor([9.0, 10.2, 10.4, 12.0]), target_bits=10.0, tolerance=0.5)
+    >>> (s.in_band, s.over_budget, s.under_budget, s.mean_excess)
+    (0.5, 0.25, 0.25, 0.375)
+    """
+    if not math.isfinite(target_bits):
+        raise ValueError(f"target_bits must be finite, got {target_bits}")
+    r = rates.detach().reshape(-1).to("cpu", torch.float64)
+    if r.numel() == 0:
+        raise ValueError("rates is empty")
+    if not torch.isfinite(r).all():
+        raise ValueError("rates contains non-finite values")
+    if any(not 0.0 <= q <= 1.0 for q in quantiles):
+        raise ValueError(f"quantiles must lie in [0, 1], got {quantiles}")
+    over, under = band_masks(r, target_bits, tolerance)
+    n = r.numel()
+    n_over, n_under = int(over.sum()), int(under.sum())
+    qv = np.quantile(r.numpy(), list(quantiles)) if quantiles else []
+    return BandStats(
+        target_bits=float(target_bits), tolerance=float(tolerance), count=n, in_band=(n - n_over - n_under) / n,
+        over_budget=n_over / n, under_budget=n_under / n, mean=float(r.mean()), min=float(r.min()), max=float(r.max()),
+        mean_excess=float((r - (target_bits + tolerance)).clamp_min(0).mean()),
+        quantiles={float(q): float(v) for q, v in zip(quantiles, qv)},
     )
 
 
@@ -204,7 +304,7 @@ def recommend_codebook(
                 num_codebooks=channels // m,
                 bits_per_token=channels // m * log2k,
                 mean_group_rate=mean_rg,
-                frac_over_budget=float((rg > log2k + tolerance).double().mean()),
+                frac_over_budget=float(band_masks(rg, log2k, tolerance)[0].double().mean()),
                 mean_excess_bits=float(excess.sum(-1).mean()),
             )
         )

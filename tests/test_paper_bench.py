@@ -38,12 +38,16 @@ def test_smoke_rows_end_to_end_and_resume(tmp_path):
         assert d["bpp"] == pytest.approx(1.0, abs=0.01)  # 16 bits per 4x4 pixels (FSQ: log2 64000)
         assert 0 < d["codebook"]["usage"] <= 1 and d["train_time_s"] > 0 and d["steps"] == 3
     assert res["tdc+gq"]["codebook_size"] == 2**16 and res["fsq"]["codebook_size"] == 8 * 8 * 8 * 5 * 5 * 5
+    band = res["tdc+gq"]["band"]  # 16 eval crops x 8x8 tokens x 1 group, band 16 +- 0.5
+    assert (band["count"], band["target_bits"], band["tolerance"]) == (16 * 8 * 8, 16.0, 0.5)
+    assert band["in_band"] + band["over_budget"] + band["under_budget"] == pytest.approx(1.0)
     assert res["tdc+gq"]["rates"]["m"] == 8 and res["tdc+gq"]["spec"]["beta"] == 1.0 and res["tdc+gq-beta0"]["spec"]["beta"] == 0.0
     # the two GQ rows share one trained model; beta changes the decoding
     assert res["tdc+gq"]["train_time_s"] == res["tdc+gq-beta0"]["train_time_s"]
     text = (out / "RESULTS.md").read_text()
     assert f"{res['tdc+gq']['metrics']['PSNR']:.2f}" in text and f"{res['fsq']['metrics']['PSNR']:.2f}" in text
     assert "*not run yet*" in text and "`vq`" in text  # unselected rows are marked
+    assert f"| {100 * band['in_band']:.1f} % | {100 * band['over_budget']:.1f} % | {100 * band['under_budget']:.1f} % |" in text
     assert "27.61" in text and "FD-EffNetLite0" in text and "FID" not in text.replace("rFID", "").replace("**not FID**", "")
     assert "Paper: GQ (TDC + GQ) beats `fsq` on PSNR: **" in text
     # every result records the command that produced it, and RESULTS.md lists it

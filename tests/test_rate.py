@@ -5,6 +5,8 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from gq_plugin.rate import (
+    band_masks,
+    band_statistics,
     bits_per_pixel,
     bits_per_token,
     group_rates,
@@ -77,3 +79,44 @@ def test_recommend_codebook_caps_k_and_prefers_lossless_split():
 def test_recommend_codebook_bad_input():
     with pytest.raises(ValueError, match="channel_rates"):
         recommend_codebook(torch.zeros(10))
+
+
+def test_band_statistics_exact_shares_and_quantiles():
+    # T = 10, alpha = 0.5: band [9.5, 10.5]; edges count as in band
+    r = torch.tensor([[9.0, 9.5, 10.0, 10.5], [10.75, 12.0, 8.0, 10.25]], dtype=torch.float64)
+    s = band_statistics(r, target_bits=10.0, tolerance=0.5, quantiles=(0.0, 0.5, 1.0))
+    assert s.count == 8
+    assert (s.in_band, s.over_budget, s.under_budget) == (4 / 8, 2 / 8, 2 / 8)
+    assert s.mean_excess == pytest.approx((0.25 + 1.5) / 8)
+    assert s.quantiles == {0.0: 8.0, 0.5: 10.125, 1.0: 12.0}
+    assert (s.min, s.max, s.mean) == (8.0, 12.0, pytest.approx(80.0 / 8))
+    d = s.as_dict()
+    assert d["band-over"] == 0.25 and d["bits-q50"] == 10.125 and d["bits-q100"] == 12.0
+    assert s.to_json()["quantiles"]["q50"] == 10.125
+    t = s.table().splitlines()
+    assert t[0].startswith("| group rates (bits) | in band | over budget | under budget | mean | q00 | q50 | q100 | max |")
+    assert t[2] == "| 8 rates, band 9.5-10.5 | 50.0% | 25.0% | 25.0% | 10.00 | 8.00 | 10.12 | 12.00 | 12.00 |"
+
+
+def test_band_statistics_default_quantiles_match_numpy_and_torch():
+    g = torch.Generator().manual_seed(0)
+    r = torch.rand(1000, generator=g, dtype=torch.float64) * 20
+    s = band_statistics(r, 10.0)
+    expected = torch.quantile(r, torch.tensor([0.01, 0.05, 0.5, 0.95, 0.99], dtype=torch.float64))
+    assert list(s.quantiles.values()) == pytest.approx(expected.tolist(), abs=1e-12)
+    over, under = band_masks(r, 10.0, 0.5)
+    assert s.over_budget == over.double().mean().item() and s.under_budget == under.double().mean().item()
+    assert s.in_band + s.over_budget + s.under_budget == pytest.approx(1.0)
+
+
+def test_band_statistics_bad_input():
+    with pytest.raises(ValueError, match="empty"):
+        band_statistics(torch.zeros(0), 4.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        band_statistics(torch.tensor([1.0, float("inf")]), 4.0)
+    with pytest.raises(ValueError, match="tolerance"):
+        band_statistics(torch.tensor([1.0]), 4.0, tolerance=-1.0)
+    with pytest.raises(ValueError, match="quantiles"):
+        band_statistics(torch.tensor([1.0]), 4.0, quantiles=(1.5,))
+    with pytest.raises(ValueError, match="target_bits"):
+        band_statistics(torch.tensor([1.0]), float("nan"))

@@ -78,6 +78,9 @@ def test_train_writes_checkpoints_logs_and_plots(trained):
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in logs] == [2, 4, 6]
     assert all(k in logs[-1] for k in ("rec", "bits-mean", "bits-max", "lam", "lam-max", "lam-min", "lpips"))
+    for e in logs:  # band statistics of the logged batch: shares sum to 1, quantiles ordered, q100 = max
+        assert e["band-in"] + e["band-over"] + e["band-under"] == pytest.approx(1.0)
+        assert e["bits-q01"] <= e["bits-q05"] <= e["bits-q50"] <= e["bits-q95"] <= e["bits-q99"] <= e["bits-max"]
     cfg = json.loads((out / "final" / "vae" / "config.json").read_text())
     assert cfg["gq"]["codebook_size"] == 256 and cfg["gq"]["codebook_dim"] == 4
 
@@ -115,6 +118,12 @@ def test_eval_prints_continuous_and_gq_rows(trained, tmp_path, capsys):
     info = res["info"]
     assert 0 < info["codebook"]["usage"] <= 1 and info["bpp"] == pytest.approx(1 * 8 / 4)  # 8 bits per 2x2 pixels
     assert not info["converted_from_vanilla"]
+    band = info["band"]  # eval images x (32/2)^2 tokens x 1 group of m=4, band log2(256) +- 0.5
+    assert band["count"] == info["n_images"] * 16 * 16 and (band["target_bits"], band["tolerance"]) == (8.0, 0.5)
+    assert band["in_band"] + band["over_budget"] + band["under_budget"] == pytest.approx(1.0)
+    assert band["min"] <= band["quantiles"]["q01"] <= band["quantiles"]["q99"] <= band["max"]
+    row = f"| {band['count']} rates, band 7.5-8.5 | {100 * band['in_band']:.1f}% | {100 * band['over_budget']:.1f}% | {100 * band['under_budget']:.1f}% |"
+    assert row in table and row in (tmp_path / "ev" / "eval.md").read_text()
     assert (tmp_path / "ev" / "recon_grid.png").stat().st_size > 1000
 
 
@@ -136,7 +145,16 @@ def test_diagnose_recommends_and_measures(trained, photo_dir, tmp_path, capsys):
     assert res["recommended"]["codebook_size"] == 2 ** res["recommended"]["log2_codebook_size"]
     assert np.isfinite(res["measured"]["psnr_gq"])
     assert (tmp_path / "diagnose_rates.png").is_file()
-    assert "Recommended: K = 2^" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Recommended: K = 2^" in printed
+    rec, own = res["band"]["recommended"], res["band"]["model"]
+    # one formula: the recommendation's over-budget share is the band statistics' share
+    assert rec["over_budget"] == res["predicted"]["frac_groups_over_budget"]
+    assert rec["target_bits"] == res["recommended"]["log2_codebook_size"]
+    assert (own["codebook_size"], own["codebook_dim"], own["target_bits"]) == (256, 4, 8.0)
+    assert own["count"] == 4 * 16 * 16  # 4 images x 16x16 tokens x 1 group
+    assert "Band statistics at the model's own K = 256, m = 4" in printed
+    assert f"| {100 * own['over_budget']:.1f}% |" in printed
 
 
 def test_encode_decode_cli_reproduces_decode_indices(trained, photo_dir, tmp_path, capsys):

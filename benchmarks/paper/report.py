@@ -300,7 +300,8 @@ def write_report(out: Path, scale: str, rows: dict, seeds: list[int], cmd: str, 
           "The paper's VQGAN row is our `vq` row (EMA VQ, no GAN loss here).", ""]
     # rates
     L += ["## Per-group rates: vanilla vs TDC", ""]
-    L += ["| model | mean rate (bits) | min | max | 1st–99th percentile | paper (Table 5, secondary source) |", "|---|---|---|---|---|---|"]
+    L += ["| model | mean rate (bits) | min | max | 1st–99th percentile | in band | over budget | under budget | "
+          "paper (Table 5, secondary source) |", "|---|---|---|---|---|---|---|---|---|"]
     for t in ("vanilla", "tdc"):
         runs = [r for r in res.get(f"{t}+gq", []) or res.get(t, []) if r.get("rates")]
         pr = paper_rates[t]
@@ -308,13 +309,19 @@ def write_report(out: Path, scale: str, rows: dict, seeds: list[int], cmd: str, 
             def g(k, runs=runs):
                 return info(runs, "rates", k)
 
+            bands = band_runs(out, t, runs)
+            shares = " | ".join(fmt(pct(info(bands, "band", k)), 1, n) + " %" if bands else "n/a"
+                                for k in ("in_band", "over_budget", "under_budget"))
             L.append(f"| {t} (m={runs[0]['rates']['m']}) | {fmt(g('mean'), 2, n)} | {fmt(g('min'), 2, n)} | {fmt(g('max'), 2, n)} | "
-                     f"{g('p01')[0]:.2f}–{g('p99')[0]:.2f} | {pr[0]}–{pr[1]} |")
+                     f"{g('p01')[0]:.2f}–{g('p99')[0]:.2f} | {shares} | {pr[0]}–{pr[1]} |")
         else:
-            L.append(f"| {t} | not run yet | | | | {pr[0]}–{pr[1]} |")
+            L.append(f"| {t} | not run yet | | | | | | | {pr[0]}–{pr[1]} |")
     rp = plot_rates(out, seeds)
     L += ["", "Rates are per group of m channels (m = all channels here: one group per token), on the held-out crops. The paper's "
-          "range is quoted per dimension from a secondary source (reference.md §12.5), so compare the *narrowing*, not the values.", ""]
+          "range is quoted per dimension from a secondary source (reference.md §12.5), so compare the *narrowing*, not the values. "
+          "In band / over / under budget: share of (token, group) rates in [log2 K - 0.5, log2 K + 0.5], above it (GQ loses "
+          "information there) and below it (`gq_plugin.rate.band_statistics`; from the result file, or recomputed from the saved "
+          "rates in `results/_rates/` for result files written before the band statistics existed).", ""]
     if rp:
         L += [f"![rate histograms]({rp.name})", ""]
     # sweeps
@@ -353,6 +360,29 @@ def write_report(out: Path, scale: str, rows: dict, seeds: list[int], cmd: str, 
     (out / "results" / "summary.json").write_text(json.dumps(
         {r: {"n_seeds": len(v), **({k: metric(v, k) for k, _, _ in COLS} if v else {})} for r, v in res.items()}, indent=2))
     return path
+
+
+def pct(st):
+    """A (mean, half-range) share as percent."""
+    return None if st is None else (100 * st[0], 100 * st[1])
+
+
+def band_runs(out: Path, train: str, runs: list[dict]) -> list[dict]:
+    """Per seed ``{"seed", "band"}``: the result file's band statistics, else recomputed from the
+    saved group rates ``results/_rates/<train>-seed<k>.pt`` at the row's K (alpha = 0.5)."""
+    from gq_plugin.rate import band_statistics
+
+    found = []
+    for r in runs:
+        band = r.get("band")
+        f = out / "results" / "_rates" / f"{train}-seed{r.get('seed')}.pt"
+        if band is None and f.is_file() and r.get("spec", {}).get("K"):
+            import torch
+
+            band = band_statistics(torch.load(f), math.log2(r["spec"]["K"]), 0.5).to_json()
+        if band is not None:
+            found.append({"seed": r.get("seed"), "band": band})
+    return found
 
 
 def conversion_gap(res: dict, train: str) -> list[dict]:

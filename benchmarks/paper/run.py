@@ -31,10 +31,13 @@ from typing import ClassVar
 
 import torch
 
-from gq_plugin.lab.sysinfo import cpu_model
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+if str(REPO) not in sys.path:  # this checkout's gq_plugin, not whichever one is installed
+    sys.path.insert(0, str(REPO))
+
+from gq_plugin.lab.sysinfo import cpu_model  # noqa: E402
+from gq_plugin.rate import band_statistics  # noqa: E402
 BITS_PER_TOKEN = 16
 FSQ_LEVELS_16 = [8, 8, 8, 5, 5, 5]
 
@@ -329,6 +332,8 @@ class ModelEval:
             r = torch.cat([rq.rates(m, lv).reshape(-1) for _, m, lv in self.batches])
             info["rates"] = {"mean": float(r.mean()), "min": float(r.min()), "max": float(r.max()), "std": float(r.std()),
                              "p01": float(r.quantile(0.01)), "p99": float(r.quantile(0.99)), "m": rq.codebook_dim}
+            # shares in / over / under the band log2 K +- alpha of the row's own K (the trained model's K for `continuous`)
+            info["band"] = band_statistics(r, math.log2(int(spec.get("K", gq.codebook_size))), gq.tdc.tolerance).to_json()
         info["eval_time_s"] = time.time() - t0
         info["n_images"], info["n_photos"] = res.pop("n_images"), self.n_photos
         return {"metrics": res, **info}

@@ -10,17 +10,23 @@ bits per token over log2 K), and writes a rate histogram.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
-from ..rate import group_rates, kl_bits_per_channel, recommend_codebook
+from ..rate import BandStats, band_statistics, group_rates, kl_bits_per_channel, recommend_codebook
 
 
 @torch.no_grad()
 def diagnose(vae, images: torch.Tensor, out_dir=None, max_log2_codebook_size: int = 18, grouping: str = "contiguous",
-             batch_size: int = 8, progress: bool = True) -> dict:
-    """Diagnose ``vae`` (a diffusers AutoencoderKL, patched or not) on ``images`` (N, 3, H, W) in [-1, 1]."""
+             batch_size: int = 8, progress: bool = True, tolerance: float = 0.5) -> dict:
+    """Diagnose ``vae`` (a diffusers AutoencoderKL, patched or not) on ``images`` (N, 3, H, W) in [-1, 1].
+
+    ``result["band"]["recommended"]``: band statistics (:func:`gq_plugin.rate.band_statistics`) of
+    the group rates at the recommended (K, m) with half-width ``tolerance``; for a GQ-patched model
+    also ``result["band"]["model"]``: the same at the model's own (K, m) and TDC tolerance.
+    """
     from tqdm.auto import tqdm
 
     from ..adapters import is_patched, patch_autoencoder_kl, unpatch
@@ -63,6 +69,13 @@ def diagnose(vae, images: torch.Tensor, out_dir=None, max_log2_codebook_size: in
 
         patch_from_config(vae, saved_cfg)
     psnr_cont, psnr_gq = float(torch.cat(p_cont).mean()), float(torch.cat(p_gq).mean())
+    g = group_rates(mean.movedim(1, -1), logvar.movedim(1, -1), rec.codebook_dim, grouping)
+    band = {"recommended": band_statistics(g, rec.chosen.log2_codebook_size, tolerance).to_json()}
+    if saved_cfg is not None:  # the model's own (K, m): how well its training held the band
+        own_m, own_k = int(saved_cfg["codebook_dim"]), int(saved_cfg["codebook_size"])
+        own = group_rates(mean.movedim(1, -1), logvar.movedim(1, -1), own_m, saved_cfg.get("grouping", "contiguous"))
+        band["model"] = {**band_statistics(own, math.log2(own_k), float(saved_cfg.get("tolerance", tolerance))).to_json(),
+                         "codebook_size": own_k, "codebook_dim": own_m}
     per_channel_mean = chan.mean(0)
     result = {
         "recommended": {"codebook_size": rec.codebook_size, "codebook_dim": rec.codebook_dim, "log2_codebook_size": rec.chosen.log2_codebook_size,
@@ -71,12 +84,12 @@ def diagnose(vae, images: torch.Tensor, out_dir=None, max_log2_codebook_size: in
         "predicted": {"mean_excess_bits_per_token": rec.chosen.mean_excess_bits, "frac_groups_over_budget": rec.chosen.frac_over_budget},
         "measured": {"psnr_continuous": psnr_cont, "psnr_gq": psnr_gq, "psnr_drop": psnr_cont - psnr_gq},
         "channel_rate_bits": {"mean": per_channel_mean.tolist(), "min_channel": float(per_channel_mean.min()), "max_channel": float(per_channel_mean.max())},
+        "band": band,
         "table": rec.table(),
     }
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        g = group_rates(mean.movedim(1, -1), logvar.movedim(1, -1), rec.codebook_dim, grouping)
         plot_rate_histogram({"R_g": g, "R_c (per channel)": chan}, out_dir / "diagnose_rates.png", target=rec.chosen.log2_codebook_size,
                             title=f"rates of {c}-channel latent; groups of m={rec.codebook_dim}")
         (out_dir / "diagnose.json").write_text(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2))
@@ -85,14 +98,21 @@ def diagnose(vae, images: torch.Tensor, out_dir=None, max_log2_codebook_size: in
 
 
 def format_report(result: dict) -> str:
+    """The printed / ``diagnose.md`` report: recommendation, band statistics, options table."""
     r, p, m = result["recommended"], result["predicted"], result["measured"]
-    return "\n".join(
-        [
-            f"Recommended: K = 2^{r['log2_codebook_size']} ({r['codebook_size']}), m = {r['codebook_dim']} -> {r['bits_per_token']:.0f} bits/token",
-            result["reasoning"],
-            f"Predicted loss: {p['mean_excess_bits_per_token']:.3f} excess bits/token; {100 * p['frac_groups_over_budget']:.1f}% of groups over budget",
-            f"Measured on these images: PSNR continuous {m['psnr_continuous']:.2f} dB -> GQ {m['psnr_gq']:.2f} dB (drop {m['psnr_drop']:.2f} dB)",
-            "",
-            result["table"],
-        ]
-    )
+    lines = [
+        f"Recommended: K = 2^{r['log2_codebook_size']} ({r['codebook_size']}), m = {r['codebook_dim']} -> {r['bits_per_token']:.0f} bits/token",
+        result["reasoning"],
+        f"Predicted loss: {p['mean_excess_bits_per_token']:.3f} excess bits/token; {100 * p['frac_groups_over_budget']:.1f}% of groups over budget",
+        f"Measured on these images: PSNR continuous {m['psnr_continuous']:.2f} dB -> GQ {m['psnr_gq']:.2f} dB (drop {m['psnr_drop']:.2f} dB)",
+        "",
+    ]
+    band = result.get("band") or {}
+    if "model" in band:
+        b = band["model"]
+        lines += [f"Band statistics at the model's own K = {b['codebook_size']}, m = {b['codebook_dim']} "
+                  f"(band log2 K +- {b['tolerance']:g} bits):", "", BandStats.from_json(b).table(), ""]
+    if "recommended" in band:
+        lines += ["Band statistics at the recommended (K, m):", "", BandStats.from_json(band["recommended"]).table(), ""]
+    lines.append(result["table"])
+    return "\n".join(lines)

@@ -6,7 +6,10 @@ A vanilla VAE checkpoint (no GQ config) is converted on the fly with the recipe'
 that is the paper's "convert without training" experiment. Baseline bottlenecks (VQ/FSQ/...)
 report their quantized reconstruction next to the unquantized one.
 
-Writes ``eval.md`` (Markdown table), ``eval.json`` and ``recon_grid.png`` into ``out_dir``.
+Writes ``eval.md`` (Markdown table), ``eval.json`` and ``recon_grid.png`` into ``out_dir``. For GQ models
+``eval.json``'s ``info.band`` holds the band statistics of the held-out group rates
+(:func:`gq_plugin.rate.band_statistics`: shares in band / over / under budget, quantiles), also
+printed under the table.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from ..rate import BandStats, band_statistics
 from .config import load_config
 from .models import QuantizedAutoencoderWrapper, build_model, gq_settings, pixels_per_token
 
@@ -117,6 +121,8 @@ def evaluate(cfg, ckpt=None, out_dir=None, overrides: list[str] | None = None, p
     if all_rates:
         r = torch.cat([t.reshape(-1) for t in all_rates])
         info["rates"] = {"mean": float(r.mean()), "min": float(r.min()), "max": float(r.max()), "std": float(r.std())}
+        if K:  # shares of (token, group) rates in the band log2 K +- alpha / over / under budget, quantiles
+            info["band"] = band_statistics(r, math.log2(K), _tolerance(q, cfg)).to_json()
     results["info"] = info
     out_dir = Path(out_dir or (Path(cfg.train.output_dir) / "eval"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,13 +136,20 @@ def evaluate(cfg, ckpt=None, out_dir=None, overrides: list[str] | None = None, p
     if all_rates:
         target = math.log2(K) if K else None
         plot_rate_histogram({"eval": torch.cat([t.reshape(-1) for t in all_rates])}, out_dir / "rates_hist.png", target=target,
-                            tolerance=float(cfg.quantizer.get("tolerance", 0.5)))
+                            tolerance=_tolerance(q, cfg))
     results["out_dir"] = str(out_dir)
     return results
 
 
+def _tolerance(q, cfg) -> float:
+    """The band half-width alpha: the quantizer's own TDC tolerance, else the recipe's."""
+    tdc = getattr(q, "tdc", None)
+    return float(tdc.tolerance) if tdc is not None else float(cfg.quantizer.get("tolerance", 0.5))
+
+
 def format_table(results: dict, names: dict[str, str]) -> str:
-    """Markdown table: one row per reconstruction path."""
+    """Markdown table: one row per reconstruction path; then, when the group rates are known, the
+    band table (share of (token, group) rates in / over / under the band, quantiles)."""
     info = results.get("info", {})
     cols = [m for m in METRIC_ORDER if any(m in results[k] for k in names)]
     head = "| model | " + " | ".join(cols) + " | codebook usage | perplexity | bpp |"
@@ -153,4 +166,6 @@ def format_table(results: dict, names: dict[str, str]) -> str:
         else:
             usage, perp, bpp = "-", "-", "continuous"
         lines.append(f"| {label} | " + " | ".join(vals) + f" | {usage} | {perp} | {bpp} |")
+    if info.get("band"):
+        lines += ["", BandStats.from_json(info["band"]).table()]
     return "\n".join(lines)

@@ -9,7 +9,8 @@ every rank holds identical weights and multipliers.
 
 Outputs under ``train.output_dir``: ``checkpoint-<step>/`` (``vae/`` = ``save_pretrained`` of the
 model, GQ settings and TDC buffers included; ``training_state.pt`` = optimizers, step, RNG),
-``final/vae``, ``metrics.jsonl`` (losses, rate statistics, multipliers), ``rates_hist.png``.
+``final/vae``, ``metrics.jsonl`` (losses, rate statistics incl. the band shares ``band-in`` / ``band-over`` /
+``band-under`` and quantiles ``bits-qNN``, multipliers), ``rates_hist.png``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..rate import band_statistics
 from .config import load_config
 from .losses import ReconstructionLoss
 from .models import build_model
@@ -254,11 +256,13 @@ def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = Non
             entry.update({k: float(v) for k, v in logs.items()})
             if quantizer is not None:
                 entry.update(quantizer.tdc.log_dict())
+                if rates is not None:  # shares in band / over / under budget and quantiles of this batch
+                    entry.update(band_statistics(rates, quantizer.tdc.target_bits, quantizer.tdc.tolerance).as_dict())
             elif rates is not None:
                 entry.update({"bits-mean": float(rates.mean()), "bits-min": float(rates.min()), "bits-max": float(rates.max())})
             entry["elapsed_s"] = time.time() - t0
             last_logs = entry
-            pbar.set_postfix({k: f"{entry[k]:.3g}" for k in ("rec", "bits-mean", "bits-max", "lam") if k in entry})
+            pbar.set_postfix({k: f"{entry[k]:.3g}" for k in ("rec", "bits-mean", "bits-q99", "band-over", "lam") if k in entry})
             if acc.is_main_process:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(entry) + "\n")
