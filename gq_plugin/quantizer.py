@@ -65,6 +65,49 @@ def decode_config(values: list[int]) -> dict:
     return out
 
 
+_BOOL_SETTINGS = ("accept_image_fmap", "channel_last", "tdc_auto_step", "sync_distributed", "search_in_train", "check_finite")
+_NUMBER_SETTINGS = ("beta", "tolerance", "lam_factor")
+_INT_SETTINGS = ("codebook_size", "codebook_dim", "seed", "dim", "tile_n", "tile_k")
+_RANGE_SETTINGS = ("lam_max_range", "lam_min_range", "lam_global_range", "logvar_range")
+
+
+def check_settings(settings: dict, source: str = "settings") -> dict:
+    """Validate GaussianQuantizer settings read from a file (e.g. a model's ``config.json``).
+
+    Returns the keyword arguments to build the quantizer with (ranges as tuples). Raises
+    ``ValueError`` naming ``source`` and the key for unknown keys and wrongly typed or non-finite
+    values. ``check_finite: false`` in a file is not taken from it: loading never silently turns
+    the NaN/inf checks off (a one-line warning says so; set ``quantizer.check_finite = False`` in
+    code to trade the check for a host sync).
+    """
+    import inspect
+    import warnings
+
+    known = set(inspect.signature(GaussianQuantizer.__init__).parameters) - {"self"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown GQ setting(s) {unknown}")
+    out = dict(settings)
+    for k, v in settings.items():
+        if k in _BOOL_SETTINGS and not isinstance(v, bool):
+            raise ValueError(f"{source}: {k} must be true or false, got {v!r}")
+        if k in _INT_SETTINGS and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"{source}: {k} must be an integer, got {v!r}")
+        if k in _NUMBER_SETTINGS and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ValueError(f"{source}: {k} must be a finite number, got {v!r}")
+        if k in _RANGE_SETTINGS:
+            if (not isinstance(v, (list, tuple)) or len(v) != 2
+                    or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in v)):
+                raise ValueError(f"{source}: {k} must be [low, high] (finite numbers), got {v!r}")
+            out[k] = (float(v[0]), float(v[1]))
+        if k == "search_backend" and v is not None and not isinstance(v, str):
+            raise ValueError(f"{source}: search_backend must be a backend name or null, got {v!r}")
+    if out.get("check_finite") is False:
+        warnings.warn(f"{source}: check_finite=false is ignored on load (NaN/inf inputs keep raising)", RuntimeWarning, stacklevel=2)
+        out["check_finite"] = True
+    return out
+
+
 @dataclass
 class CodebookUsage:
     """Codebook usage of a set of indices."""
@@ -226,6 +269,9 @@ class GaussianQuantizer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         cfg = state_dict.get(prefix + "gq_config")
         if cfg is not None:
+            if not torch.is_tensor(cfg) or cfg.dtype != torch.int64 or cfg.ndim != 1 or cfg.numel() not in (6, 7):
+                got = f"{cfg.dtype} of shape {tuple(cfg.shape)}" if torch.is_tensor(cfg) else type(cfg).__name__
+                raise ValueError(f"GQ checkpoint buffer {prefix}gq_config is damaged: expected 6 or 7 int64 values, got {got}")
             theirs = decode_config(cfg.reshape(-1).tolist())
             mine = decode_config(self._config_tensor().tolist())
             keys = list(theirs)  # a 6-field buffer (no beta) is checked on the fields it has
@@ -240,6 +286,9 @@ class GaussianQuantizer(nn.Module):
                 state_dict[prefix + "gq_config"] = self._config_tensor()
         fp = state_dict.get(prefix + "codebook_fingerprint")
         if fp is not None:
+            if not torch.is_tensor(fp) or fp.dtype != torch.int64 or fp.numel() != 1:
+                got = f"{fp.dtype} of shape {tuple(fp.shape)}" if torch.is_tensor(fp) else type(fp).__name__
+                raise ValueError(f"GQ checkpoint buffer {prefix}codebook_fingerprint is damaged: expected one int64, got {got}")
             theirs = cbm.tensor_to_fingerprint(fp)
             if theirs != self.fingerprint:
                 raise ValueError(
@@ -328,7 +377,7 @@ class GaussianQuantizer(nn.Module):
             raise ValueError("logvar contains non-finite values (NaN or inf)")
         if loss is not None and not ok[2]:
             raise ValueError(
-                f"TDC loss is not finite ({float(loss)}): the rates overflow float32, |mean| reaches "
+                f"TDC loss is not finite ({float(loss.reshape(-1)[~torch.isfinite(loss.reshape(-1))][0])}): the rates overflow float32, |mean| reaches "
                 f"{float(mean.detach().abs().max()):.3g}; the encoder has diverged (lower the learning rate or resume from a checkpoint)"
             )
 

@@ -35,7 +35,7 @@ except ImportError as e:  # pragma: no cover - exercised only without diffusers
     raise ImportError("gq_plugin.adapters.diffusers_vae needs diffusers: pip install 'gq-plugin[diffusers]'") from e
 
 from ..codebook import divisors
-from ..quantizer import GaussianQuantizer
+from ..quantizer import GaussianQuantizer, check_settings
 from . import _patch
 from ._posterior import GQPosteriorMixin, from_host_layout, to_host_layout
 
@@ -183,11 +183,11 @@ def patch_from_config(vae, config: dict | None = None):
     fmt = cfg.pop("format", CONFIG_FORMAT)
     if fmt > CONFIG_FORMAT:
         raise ValueError(f"GQ config format {fmt} is newer than this gq-plugin understands ({CONFIG_FORMAT})")
+    if "codebook_size" not in cfg or "codebook_dim" not in cfg:
+        raise ValueError(f"model config '{CONFIG_KEY}' lacks codebook_size / codebook_dim: {sorted(cfg)}")
+    cfg = check_settings(cfg, source=f"model config '{CONFIG_KEY}'")  # types, ranges, unknown keys
     K = cfg.pop("codebook_size")
     m = cfg.pop("codebook_dim")
-    for k in ("lam_max_range", "lam_min_range", "lam_global_range", "logvar_range"):
-        if k in cfg and isinstance(cfg[k], list):
-            cfg[k] = tuple(cfg[k])
     if _patch.is_patched(vae):
         unpatch(vae)
     return patch_autoencoder_kl(vae, K=K, m=m, **cfg)
@@ -234,6 +234,21 @@ def _read_prefixed_state(directory: str, prefix: str, variant: str | None) -> di
     return out
 
 
+def _check_bin_weights(directory: str, variant: str | None) -> None:
+    """A legacy ``.bin`` weights file (no safetensors next to it) must hold tensors only: it is
+    opened with ``torch.load(weights_only=True)`` first, and anything else (a pickle with code, a
+    torn file) is refused with one clear ``ValueError``."""
+    stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
+    bin_file = os.path.join(directory, f"{stem}.bin")
+    if os.path.isfile(os.path.join(directory, f"{stem}.safetensors")) or not os.path.isfile(bin_file):
+        return
+    try:
+        torch.load(bin_file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError (code refused), EOFError, RuntimeError (torn zip)
+        msg = " ".join(str(exc).split())[:160]
+        raise ValueError(f"{bin_file} is not a plain weights file, refusing to load it ({type(exc).__name__}: {msg})") from None
+
+
 def load_pretrained_gq_vae(path: str, subfolder: str | None = None, variant: str | None = None, cls=None, **kwargs):
     """``AutoencoderKL.from_pretrained`` + re-patch from ``config["gq"]`` + restore the GQ buffers.
 
@@ -245,10 +260,11 @@ def load_pretrained_gq_vae(path: str, subfolder: str | None = None, variant: str
     cls = cls or AutoencoderKL
     if not os.path.isdir(path):
         raise ValueError(f"{path!r} is not a local directory (download Hub checkpoints first)")
+    directory = os.path.join(path, subfolder) if subfolder else path
+    _check_bin_weights(directory, variant)
     with _quiet_diffusers():  # the 'gq' config key and gq_quantizer.* weights are expected extras
         vae = cls.from_pretrained(path, subfolder=subfolder, variant=variant, **kwargs)
     patch_from_config(vae)
-    directory = os.path.join(path, subfolder) if subfolder else path
     prefix = _patch.QUANTIZER_ATTR + "."
     state = _read_prefixed_state(directory, prefix, variant)
     if not state:
