@@ -80,10 +80,10 @@ def check_settings(settings: dict, source: str = "settings") -> dict:
     the NaN/inf checks off (a one-line warning says so; set ``quantizer.check_finite = False`` in
     code to trade the check for a host sync).
     """
-    import inspect
     import warnings
 
-    known = set(inspect.signature(GaussianQuantizer.__init__).parameters) - {"self"}
+    init = GaussianQuantizer.__init__.__code__
+    known = set(init.co_varnames[1 : init.co_argcount + init.co_kwonlyargcount])  # the constructor's arguments
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"{source}: unknown GQ setting(s) {unknown}")

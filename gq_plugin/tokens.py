@@ -24,7 +24,6 @@ import io
 import json
 import math
 import os
-import stat
 import struct
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -327,9 +326,9 @@ def load_tokens(file: str | os.PathLike | BinaryIO | bytes, quantizer=None) -> t
     if isinstance(file, (str, os.PathLike)):
         if os.path.isdir(file):
             raise ValueError(f"{os.fspath(file)!r} is a directory, not a token file")
+        regular = os.path.isfile(file)  # a device or a pipe has no size to check against
         with open(file, "rb") as f:
-            st = os.fstat(f.fileno())
-            return _read(f, quantizer, st.st_size if stat.S_ISREG(st.st_mode) else None)
+            return _read(f, quantizer, os.fstat(f.fileno()).st_size if regular else None)
     if isinstance(file, io.BytesIO):
         return loads(file.getvalue(), quantizer)
     return _read(file, quantizer)
