@@ -133,6 +133,7 @@ def test_training_killed_mid_checkpoint_resumes_exactly(reference, tmp_path):
     assert latest_checkpoint(run) == run / "checkpoint-2"
     assert gq_main(["train", str(r), f"train.output_dir={run}", "--resume", "latest", "--quiet"]) == 0
     assert_same_weights(out / "checkpoint-6", run / "checkpoint-6")
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]  # leftover removed
 
 
 def test_latest_skips_checkpoints_that_do_not_load_and_says_so(reference, tmp_path, capsys):

@@ -218,6 +218,8 @@ def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = Non
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, out_dir / "config.yaml")
+        for leftover in out_dir.glob("checkpoint-*.tmp-*"):  # half-written by a process that died
+            shutil.rmtree(leftover, ignore_errors=True)
     metrics_path = out_dir / "metrics.jsonl"
     last_layer = acc.unwrap_model(wrapper).model.decoder.conv_out.weight
     batches = iter(loader)  # endless (ResumableSampler)
