@@ -209,3 +209,11 @@ def test_diverging_run_fails_loudly_and_never_saves_non_finite_weights(photo_dir
         assert all(torch.isfinite(t).all() for t in load_file(p / "vae" / WEIGHTS).values() if t.is_floating_point())
     last = latest_checkpoint(tmp_path / "out")
     assert last is None or load_training_state(last)["step"] < 4
+
+
+def test_zero_sized_training_crops_are_refused_up_front(photo_dir, tmp_path, capsys):  # noqa: F811
+    r = recipe(tmp_path / "r.yaml", photo_dir, tmp_path / "out")
+    assert gq_main(["train", str(r), "data.size=0", "--quiet"]) == 2
+    assert capsys.readouterr().err == "gq train: error: data.size must be >= 1, got 0\n"
+    with pytest.raises(ValueError, match="size must be >= 1, got 0"):
+        PhotoDataset(photo_dir, split="train", size=0)

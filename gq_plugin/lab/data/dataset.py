@@ -84,6 +84,8 @@ class PhotoDataset(torch.utils.data.Dataset):
             raise ValueError(f"split must be 'train', 'eval' or 'all', got {split!r}")
         if crops_per_image < 1:
             raise ValueError("crops_per_image must be >= 1")
+        if int(size) < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
         self.split, self.size, self.seed = split, int(size), int(seed)
         self.resize, self.scale_range, self.hflip = resize, scale_range, hflip
         self.crops_per_image, self.cache = int(crops_per_image), cache
