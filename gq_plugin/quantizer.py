@@ -189,9 +189,10 @@ def read_config_tensor(t: torch.Tensor) -> dict:
         if not isinstance(out, dict):
             raise ValueError(f"gq_config: expected a JSON object, got {type(out).__name__}")
         return out
-    v = [int(x) for x in t.reshape(-1).tolist()]
-    if len(v) not in (6, 7):
-        raise ValueError(f"gq_config: expected uint8 JSON or a 6/7-field int64 buffer, got {t.dtype} of {len(v)}")
+    if t.dtype != torch.int64 or t.ndim != 1 or t.numel() not in (6, 7):
+        raise ValueError(f"GQ checkpoint buffer gq_config is damaged: expected uint8 JSON or 6 or 7 int64 values, "
+                         f"got {t.dtype} of shape {tuple(t.shape)}")
+    v = [int(x) for x in t.tolist()]
     out = {"codebook_size": v[0], "codebook_dim": v[1],
            "grouping": cbm.GROUPINGS[v[2]] if 0 <= v[2] < len(cbm.GROUPINGS) else v[2],
            "codebook": cbm.CODEBOOK_KINDS[v[3]] if 0 <= v[3] < len(cbm.CODEBOOK_KINDS) else v[3],
@@ -229,7 +230,7 @@ class CodebookUsage:
 
 def codebook_usage(indices: torch.Tensor, codebook_size: int) -> CodebookUsage:
     """Usage fraction, entropy (bits) and perplexity of ``indices`` over a codebook of size K."""
-    idx = indices.detach().reshape(-1).long()
+    idx = cbm.as_index_tensor(indices).detach().reshape(-1)
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= codebook_size):
         raise ValueError(f"indices must lie in [0, {codebook_size}), got range [{int(idx.min())}, {int(idx.max())}]")
     counts = torch.bincount(idx.cpu(), minlength=codebook_size)
@@ -267,7 +268,9 @@ class GaussianQuantizer(nn.Module):
             search per step). Otherwise training returns ``indices=None``.
         search_backend: force ``"torch"``, ``"cpp"`` or ``"cuda"`` (default: fastest available;
             ``GQ_SEARCH_BACKEND`` also works).
-        check_finite: raise ``ValueError`` on NaN/inf mean or logvar (one host sync per call).
+        check_finite: in training (and :meth:`rates`), raise ``ValueError`` on NaN/inf mean or
+            logvar and on a non-finite TDC loss (one host sync per call). The search (eval,
+            :meth:`quantize`) always validates its input, whatever this flag says.
         tile_n / tile_k: search tile sizes.
         settings: a ready :class:`GQConfig` (then ``dim``/``codebook_size``/``codebook_dim`` must
             match it or be None, and keywords override it).
@@ -354,6 +357,9 @@ class GaussianQuantizer(nn.Module):
             state_dict[prefix + "gq_config"] = self.gq_config.clone()  # (the buffer's shape: a no-op copy)
         fp = state_dict.get(prefix + "codebook_fingerprint")
         if fp is not None:
+            if not torch.is_tensor(fp) or fp.dtype != torch.int64 or fp.numel() != 1:
+                got = f"{fp.dtype} of shape {tuple(fp.shape)}" if torch.is_tensor(fp) else type(fp).__name__
+                raise ValueError(f"GQ checkpoint buffer {prefix}codebook_fingerprint is damaged: expected one int64, got {got}")
             theirs = cbm.tensor_to_fingerprint(fp)
             if theirs != self.fingerprint:
                 raise ValueError(
@@ -420,11 +426,26 @@ class GaussianQuantizer(nn.Module):
                 )
             if mean.shape[axis] != self.dim:
                 raise ValueError(f"mean must have dim={self.dim} channels on axis {axis}, got {mean.shape[axis]} (shape {tuple(mean.shape)})")
-        if self.check_finite:
-            for name, t in (("mean", mean), ("logvar", logvar)):
-                if not torch.isfinite(t).all():
-                    raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+        for name, t in (("mean", mean), ("logvar", logvar)):
+            if not t.dtype.is_floating_point:  # a bool "posterior" would be all ones, an int one truncated
+                raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
         return mean, logvar, axis
+
+    def _check_finite(self, mean: torch.Tensor, logvar: torch.Tensor, loss: torch.Tensor | None = None) -> None:
+        """One host sync: NaN/inf in mean / logvar (and a non-finite TDC loss) raise ValueError."""
+        flags = [torch.isfinite(mean).all(), torch.isfinite(logvar).all()]
+        if loss is not None:
+            flags.append(torch.isfinite(loss).all())
+        ok = torch.stack(flags).tolist()
+        if not ok[0]:
+            raise ValueError("mean contains non-finite values (NaN or inf)")
+        if not ok[1]:
+            raise ValueError("logvar contains non-finite values (NaN or inf)")
+        if loss is not None and not ok[2]:
+            raise ValueError(
+                f"TDC loss is not finite ({float(loss.reshape(-1)[~torch.isfinite(loss.reshape(-1))][0])}): the rates overflow float32, |mean| reaches "
+                f"{float(mean.detach().abs().max()):.3g}; the encoder has diverged (lower the learning rate or resume from a checkpoint)"
+            )
 
     def _to_groups(self, t: torch.Tensor, axis: int) -> torch.Tensor:
         """(layout) -> (B, *spatial, G, m), float32."""
@@ -438,6 +459,8 @@ class GaussianQuantizer(nn.Module):
     def rates(self, x, logvar: torch.Tensor | None = None) -> torch.Tensor:
         """Group rates in bits, shaped like the indices: (B, H, W, G) / (B, N, G) / (B, G)."""
         mean, logvar, axis = self._split(x, logvar)
+        if self.check_finite:
+            self._check_finite(mean, logvar)
         # clamp like forward() and the search do, so rates() matches the TDC loss of forward()
         lv = logvar.float().clamp(*self.logvar_range)
         return group_rates(mean.float().movedim(axis, -1), lv.movedim(axis, -1), self.codebook_dim, self.grouping)
@@ -450,9 +473,9 @@ class GaussianQuantizer(nn.Module):
 
     def _quantize(self, mean: torch.Tensor, logvar: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
         mu_g = self._to_groups(mean, axis)
-        lv_g = self._to_groups(logvar, axis).clamp(*self.logvar_range)
+        lv_g = self._to_groups(logvar, axis)
         lead = mu_g.shape[:-1]  # (B, *spatial, G)
-        with torch.no_grad():
+        with torch.no_grad():  # gq_search validates (NaN/inf raise, one sync) and clamps logvar
             idx = gq_search(
                 mu_g.reshape(-1, self.codebook_dim),
                 lv_g.reshape(-1, self.codebook_dim),
@@ -479,10 +502,7 @@ class GaussianQuantizer(nn.Module):
         return self._codebook[idx]
 
     def _check_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        if not isinstance(indices, torch.Tensor):
-            raise ValueError(f"indices must be a tensor, got {type(indices).__name__}")
-        if indices.dtype.is_floating_point or indices.dtype == torch.bool or indices.is_complex():
-            raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
+        indices = cbm.as_index_tensor(indices)  # int64; uint16/32/64 accepted, floats/bools refused
         if self.accept_image_fmap:
             if indices.ndim != 4 or indices.shape[-1] != self.num_codebooks:
                 raise ValueError(f"indices must be (B, H, W, {self.num_codebooks}), got {tuple(indices.shape)}")
@@ -536,6 +556,10 @@ class GaussianQuantizer(nn.Module):
         lv32 = logvar.float().clamp(*self.logvar_range)
         sample = reparameterize(mean32, lv32, generator).to(mean.dtype)
         rates = group_rates(mean32.movedim(axis, -1), lv32.movedim(axis, -1), self.codebook_dim, self.grouping)
+        if rates.numel() == 0:
+            raise ValueError(f"x has no tokens to quantize (shape {tuple(x.shape) if isinstance(x, torch.Tensor) else tuple(mean.shape)})")
+        if self.check_finite:  # before the TDC records this batch's statistics
+            self._check_finite(mean, logvar, self.tdc.per_sample_loss(rates.float()))
         loss = self.tdc(rates)
         idx = None
         if self.search_in_train:

@@ -240,6 +240,21 @@ class TargetDivergenceConstraint(nn.Module):
             p = torch.cat([sums, mins, maxs]).to(dev)
         return p
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for name in ("lam_global", "lam_max", "lam_min"):
+            t = state_dict.get(prefix + name)
+            if t is None:
+                continue
+            if not torch.is_tensor(t) or t.numel() != 1 or not t.is_floating_point():
+                raise ValueError(f"TDC buffer {prefix}{name} must be one floating-point value, got {t!r}")
+            v = float(t)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"TDC multiplier {prefix}{name} = {v} in the checkpoint: multipliers must be finite and > 0; refusing to load")
+        t = state_dict.get(prefix + "num_steps")
+        if t is not None and (not torch.is_tensor(t) or t.numel() != 1 or t.is_floating_point() or int(t) < 0):
+            raise ValueError(f"TDC buffer {prefix}num_steps must be one integer >= 0, got {t!r}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
     @torch.no_grad()
     def step(self) -> bool:
         """Apply one multiplicative update from the statistics accumulated since the last call.

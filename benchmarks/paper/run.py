@@ -37,7 +37,6 @@ if str(REPO) not in sys.path:  # this checkout's gq_plugin, not whichever one is
     sys.path.insert(0, str(REPO))
 
 from gq_plugin.lab.sysinfo import cpu_model  # noqa: E402
-from gq_plugin.rate import band_statistics  # noqa: E402
 BITS_PER_TOKEN = 16
 FSQ_LEVELS_16 = [8, 8, 8, 5, 5, 5]
 

@@ -209,6 +209,10 @@ def patch_from_config(vae, config: dict | None = None):
         raise ValueError(f"no '{CONFIG_KEY}' entry in the model config: this checkpoint was not saved from a GQ-patched VAE")
     cfg.pop(LOAD_NOTE_KEY, None)
     weights = {k: cfg.pop(k) for k in ("tdc_weight", "host_kl_weight") if k in cfg}
+    if cfg.get("check_finite") is False:  # loading never silently turns the NaN/inf checks off
+        warnings.warn(f"model config '{CONFIG_KEY}': check_finite=false is ignored on load (NaN/inf inputs keep raising); "
+                      "set quantizer.check_finite = False in code to trade the check for a host sync", RuntimeWarning, stacklevel=2)
+        cfg["check_finite"] = True
     channels = _latent_channels(vae)
     cfg.setdefault("dim", channels)  # format 1 did not store it
     settings = GQConfig.from_dict(cfg)
@@ -260,6 +264,21 @@ def _read_prefixed_state(directory: str, prefix: str, variant: str | None) -> di
     return out
 
 
+def _check_bin_weights(directory: str, variant: str | None) -> None:
+    """A legacy ``.bin`` weights file (no safetensors next to it) must hold tensors only: it is
+    opened with ``torch.load(weights_only=True)`` first, and anything else (a pickle with code, a
+    torn file) is refused with one clear ``ValueError``."""
+    stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
+    bin_file = os.path.join(directory, f"{stem}.bin")
+    if os.path.isfile(os.path.join(directory, f"{stem}.safetensors")) or not os.path.isfile(bin_file):
+        return
+    try:
+        torch.load(bin_file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError (code refused), EOFError, RuntimeError (torn zip)
+        msg = " ".join(str(exc).split())[:160]
+        raise ValueError(f"{bin_file} is not a plain weights file, refusing to load it ({type(exc).__name__}: {msg})") from None
+
+
 def load_pretrained_gq_vae(path: str, subfolder: str | None = None, variant: str | None = None, cls=None, **kwargs):
     """``AutoencoderKL.from_pretrained`` + re-patch from ``config["gq"]`` + restore the GQ buffers.
 
@@ -271,10 +290,11 @@ def load_pretrained_gq_vae(path: str, subfolder: str | None = None, variant: str
     cls = cls or AutoencoderKL
     if not os.path.isdir(path):
         raise ValueError(f"{path!r} is not a local directory (download Hub checkpoints first)")
+    directory = os.path.join(path, subfolder) if subfolder else path
+    _check_bin_weights(directory, variant)
     with _quiet_diffusers():  # the 'gq' config key and gq_quantizer.* weights are expected extras
         vae = cls.from_pretrained(path, subfolder=subfolder, variant=variant, **kwargs)
     patch_from_config(vae)
-    directory = os.path.join(path, subfolder) if subfolder else path
     prefix = _patch.QUANTIZER_ATTR + "."
     state = _read_prefixed_state(directory, prefix, variant)
     if not state:

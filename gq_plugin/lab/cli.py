@@ -216,8 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except FloatingPointError as e:  # train.TrainingDiverged: non-finite weights, nothing saved
         print(f"gq {args.cmd}: error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:  # bad input (incl. FileNotFoundError, IsADirectoryError): one line, exit 2
+        print(f"gq {args.cmd}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

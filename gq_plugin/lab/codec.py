@@ -110,13 +110,23 @@ def decode_file(model_dir, token_file, out_path, force: bool = False, max_images
     weights) differ from the ones the file was made with."""
     from .plots import save_image
 
+    from .models import downsampling_factor
+
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images must be >= 1, got {max_images}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     vae = load_model(model_dir)
-    indices, header = load_tokens(token_file)
-    header.check_compatible(vae.gq_quantizer)
+    indices, header = load_tokens(token_file, quantizer=vae.gq_quantizer)  # header checked before the payload is read
+    if header.layout != "B,G,H,W":
+        raise ValueError(f"token file layout {header.layout!r} is not an image token grid 'B,G,H,W'")
+    f = downsampling_factor(vae)
+    grid = (header.shape[2] * f, header.shape[3] * f)
+    if header.image_size is not None and tuple(header.image_size) != grid:
+        raise ValueError(
+            f"token file image_size {list(header.image_size)} does not match its {header.shape[2]}x{header.shape[3]} token grid "
+            f"at this model's factor {f} (expected {list(grid)}; permuted H/W?)"
+        )
     mid = model_id(model_dir)
     if header.model_id and header.model_id != mid and not force:
         raise ValueError(f"token file was made with model {header.model_id!r}, not {mid!r} (pass force=True / --force to decode anyway)")

@@ -113,3 +113,5 @@ def _validate(cfg: DictConfig) -> None:
         raise ValueError(f"train.steps must be >= 1, got {cfg.train.steps}")
     if int(cfg.train.batch_size) < 1:
         raise ValueError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
+    if int(cfg.data.size) < 1:  # an H = W = 0 crop would only fail deep inside the model
+        raise ValueError(f"data.size must be >= 1, got {cfg.data.size}")

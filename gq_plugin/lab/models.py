@@ -146,13 +146,25 @@ def build_model(cfg) -> tuple[nn.Module, nn.Module]:
         quantizer = build_quantizer(name, latent_channels(vae), **kwargs)
         qstate = _quantizer_state_path(model_cfg)
         if qstate is not None:  # trained baseline codebook / projections saved next to vae/
-            quantizer.load_state_dict(torch.load(qstate, map_location="cpu"))
+            quantizer.load_state_dict(load_quantizer_state(qstate))
         wrapper = GQAutoencoderWrapper(vae, bottleneck=QuantizerBottleneck(quantizer, aux_weight=float(qcfg.get("aux_weight", 1.0))))
     _freeze(vae, train_encoder=model_cfg.get("train_encoder", True), train_decoder=model_cfg.get("train_decoder", True))
     return vae, wrapper
 
 
 QUANTIZER_STATE = "quantizer.pt"
+
+
+def load_quantizer_state(path) -> dict:
+    """A baseline's ``quantizer.pt`` loaded with ``weights_only=True`` (tensors only, never code,
+    also on torch versions whose default was unsafe); ``ValueError`` when it does not load."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError (code refused), EOFError (torn) ...
+        raise ValueError(f"{path} does not load: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not load: not a state dict")
+    return state
 
 
 def _quantizer_state_path(model_cfg: dict):

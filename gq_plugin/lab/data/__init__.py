@@ -7,7 +7,7 @@ Command line (``gq data`` adds :func:`add_data_commands` and calls :func:`run_da
     python -m gq_plugin.lab.data list
 """
 
-from .dataset import PhotoDataset, list_images, split_by_photo
+from .dataset import PhotoDataset, ResumableSampler, list_images, split_by_photo
 from .extract import edj_largest_jpeg, rcc_entries
 from .photos import add_data_commands, ensure_photos, fetch_main, fetch_photos, run_data, wheel_photos
 from .sources import (
@@ -27,6 +27,7 @@ __all__ = [
     "DebianSource",
     "PhotoDataset",
     "add_data_commands",
+    "ResumableSampler",
     "default_data_dir",
     "edj_largest_jpeg",
     "ensure_photos",
