@@ -52,7 +52,7 @@ def _int(name: str, v, low: int = 1) -> int:
     except TypeError:
         i = None
     if isinstance(v, bool) or i is None or i < low:
-        raise ValueError(f"{name} must be a {'positive int' if low == 1 else f'int >= {low}'}, got {v!r}")
+        raise ValueError(f"{name} must be {'a positive int' if low == 1 else f'an int >= {low}'}, got {v!r}")
     return i
 
 

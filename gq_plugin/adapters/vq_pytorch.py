@@ -53,7 +53,7 @@ from collections import namedtuple
 import torch
 from torch import nn
 
-from ..quantizer import GaussianQuantizer, unpack_posterior
+from ..quantizer import GaussianQuantizer, GQConfig, unpack_posterior
 from ..rate import group_rates
 
 # VectorQuantize (1.32.0) constructor options with no meaning for a fixed Gaussian codebook
@@ -134,6 +134,9 @@ class GaussianQuantize(GaussianQuantizer):
         if separate_codebook_per_head:
             ignored.insert(0, "separate_codebook_per_head")
         gq_kwargs = {k: v for k, v in options.items() if k not in IGNORED_OPTIONS}
+        unknown = sorted(set(gq_kwargs) - set(GQConfig.names()))
+        if unknown:  # a typo is a TypeError, as for VectorQuantize itself
+            raise TypeError(f"GaussianQuantize got unexpected keyword argument(s) {unknown}")
         if ignored:
             warnings.warn(
                 "GaussianQuantize ignores these VectorQuantize options (a fixed Gaussian codebook trained by TDC has no "
