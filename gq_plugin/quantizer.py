@@ -107,8 +107,10 @@ class GaussianQuantizer(nn.Module):
         beta: prior weight in the score ``log N(c; mu, s^2) - beta log N(c; 0, I)``; 1 = the
             paper's default, 0 = sigma-weighted nearest neighbour.
         accept_image_fmap / channel_last: input layout (see module docstring).
-        tolerance, lam_factor, ...: TDC settings (:class:`TargetDivergenceConstraint`);
+        tolerance, lam_factor, lam_*_range: TDC settings (:class:`TargetDivergenceConstraint`);
             ``lam_factor`` is ``1 + eps``.
+        tdc_rule, tdc_quantile: the TDC rule (``"band"``, the default, or ``"reference"``, the
+            authors' rule) and the band rule's quantile (see :mod:`gq_plugin.tdc`).
         tdc_auto_step: update the TDC multipliers inside every training forward with grads
             enabled. Set False and call :meth:`tdc_step` after each autoencoder optimizer
             step when you control the loop (so discriminator passes never move them).
@@ -133,9 +135,11 @@ class GaussianQuantizer(nn.Module):
         channel_last: bool = True,
         tolerance: float = 0.5,
         lam_factor: float = 1.01,
-        lam_max_range: tuple[float, float] = (1.0, 1000.0),
-        lam_min_range: tuple[float, float] = (1e-3, 1.0),
+        lam_max_range: tuple[float, float] | None = None,
+        lam_min_range: tuple[float, float] | None = None,
         lam_global_range: tuple[float, float] = (1e-3, 1e3),
+        tdc_rule: str = "band",
+        tdc_quantile: float = 0.99,
         tdc_auto_step: bool = True,
         sync_distributed: bool = True,
         logvar_range: tuple[float, float] = LOGVAR_RANGE,
@@ -185,6 +189,8 @@ class GaussianQuantizer(nn.Module):
             lam_max_range=lam_max_range,
             lam_min_range=lam_min_range,
             lam_global_range=lam_global_range,
+            rule=tdc_rule,
+            quantile=tdc_quantile,
             auto_step=tdc_auto_step,
             sync_distributed=sync_distributed,
         )
@@ -210,6 +216,8 @@ class GaussianQuantizer(nn.Module):
             "beta": self.beta,
             "tolerance": self.tdc.tolerance,
             "lam_factor": 1.0 + self.tdc.eps,
+            "tdc_rule": self.tdc.rule,
+            "tdc_quantile": self.tdc.quantile,
         }
 
     def extra_repr(self) -> str:

@@ -93,7 +93,7 @@ def _validate(cfg: DictConfig) -> None:
     for section in ("quantizer", "loss", "optim", "train", "data", "eval"):
         unknown = set(cfg[section].keys()) - set(DEFAULTS[section].keys())
         if section == "quantizer":
-            unknown -= {"lam_max_range", "lam_min_range", "lam_global_range", "bits_per_token", "levels", "bits", "aux_weight",
+            unknown -= {"lam_max_range", "lam_min_range", "lam_global_range", "tdc_rule", "tdc_quantile", "bits_per_token", "levels", "bits", "aux_weight",
                         "kmeans_init", "decay", "commitment_weight", "entropy_loss_weight", "search_backend",
                         "frac_per_sample_entropy", "scale", "quant_min", "quant_max", "std_range"}
         if unknown:

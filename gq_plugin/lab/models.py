@@ -114,7 +114,8 @@ class QuantizedAutoencoderWrapper(nn.Module):
 
 def gq_settings(quantizer_cfg: dict) -> dict:
     """GaussianQuantizer keyword arguments from a recipe's ``quantizer`` section."""
-    keys = ("grouping", "codebook", "seed", "beta", "tolerance", "lam_factor", "lam_max_range", "lam_min_range", "lam_global_range")
+    keys = ("grouping", "codebook", "seed", "beta", "tolerance", "lam_factor", "lam_max_range", "lam_min_range", "lam_global_range",
+            "tdc_rule", "tdc_quantile")
     out = {k: quantizer_cfg[k] for k in keys if quantizer_cfg.get(k) is not None}
     for k in ("lam_max_range", "lam_min_range", "lam_global_range"):
         if k in out:
@@ -153,7 +154,7 @@ def build_model(cfg) -> tuple[nn.Module, nn.Module]:
 
 
 _GQ_ONLY_KEYS = ("grouping", "codebook", "seed", "beta", "tolerance", "lam_factor", "lam_max_range", "lam_min_range",
-                 "lam_global_range", "search_backend")
+                 "lam_global_range", "tdc_rule", "tdc_quantile", "search_backend")
 QUANTIZER_STATE = "quantizer.pt"
 
 
