@@ -9,10 +9,12 @@ The forward contract follows vector-quantize-pytorch: ``quantized, indices, loss
 ``x`` carries mean and log-variance, either as one tensor with ``2 * dim`` channels (mean
 first, like diffusers' "moments") or as a ``(mean, logvar)`` pair / ``q(mean, logvar)``.
 
-Layouts:
+Layouts (indices are always channel-last, as vector-quantize-pytorch's: the ``G`` sub-codebook
+indices of a token sit on the last axis; a host that wants another layout converts once, in its
+adapter):
 
 * ``accept_image_fmap=True``: ``(B, 2*dim, H, W)`` -> quantized ``(B, dim, H, W)``,
-  indices ``(B, G, H, W)``;
+  indices ``(B, H, W, G)``;
 * sequences, ``channel_last=True`` (default): ``(B, N, 2*dim)`` -> ``(B, N, dim)``,
   indices ``(B, N, G)``; ``channel_last=False``: ``(B, 2*dim, N)`` -> ``(B, dim, N)``;
 * single tokens: ``(B, 2*dim)`` -> ``(B, dim)``, indices ``(B, G)``;
@@ -328,21 +330,14 @@ class GaussianQuantizer(nn.Module):
     def _from_channel_last(self, t: torch.Tensor, axis: int) -> torch.Tensor:
         return t.movedim(-1, axis)
 
-    def _indices_layout(self, idx: torch.Tensor, axis: int) -> torch.Tensor:
-        """(B, *spatial, G) -> public index layout."""
-        if idx.ndim == 4:  # image (B, H, W, G) -> (B, G, H, W)
-            return idx.permute(0, 3, 1, 2)
-        return idx  # (B, N, G) or (B, G)
-
     # ------------------------------------------------------------------ core ops
 
     def rates(self, x, logvar: torch.Tensor | None = None) -> torch.Tensor:
-        """Group rates in bits, shaped like the indices: (B, G, H, W) / (B, N, G) / (B, G)."""
+        """Group rates in bits, shaped like the indices: (B, H, W, G) / (B, N, G) / (B, G)."""
         mean, logvar, axis = self._split(x, logvar)
         # clamp like forward() and the search do, so rates() matches the TDC loss of forward()
         lv = logvar.float().clamp(*self.logvar_range)
-        r = group_rates(mean.float().movedim(axis, -1), lv.movedim(axis, -1), self.codebook_dim, self.grouping)
-        return self._indices_layout(r, axis)
+        return group_rates(mean.float().movedim(axis, -1), lv.movedim(axis, -1), self.codebook_dim, self.grouping)
 
     @torch.no_grad()
     def quantize(self, x, logvar: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,11 +362,11 @@ class GaussianQuantizer(nn.Module):
             ).reshape(lead)
         z = cbm.ungroup_channels(self._codebook[idx], self.grouping)
         z_hat = self._from_channel_last(z, axis).to(mean.dtype)
-        return z_hat, self._indices_layout(idx, axis)
+        return z_hat, idx
 
     @torch.no_grad()
     def encode_indices(self, x, logvar: torch.Tensor | None = None) -> torch.Tensor:
-        """GQ indices of a posterior (any mode)."""
+        """GQ indices of a posterior (any mode), channel-last: (B, H, W, G) / (B, N, G) / (B, G)."""
         return self.quantize(x, logvar)[1]
 
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
@@ -385,13 +380,11 @@ class GaussianQuantizer(nn.Module):
         if indices.dtype.is_floating_point or indices.dtype == torch.bool or indices.is_complex():
             raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
         if self.accept_image_fmap:
-            if indices.ndim != 4 or indices.shape[1] != self.num_codebooks:
-                raise ValueError(f"indices must be (B, {self.num_codebooks}, H, W), got {tuple(indices.shape)}")
-            idx = indices.permute(0, 2, 3, 1)
-        else:
-            if indices.ndim not in (2, 3) or indices.shape[-1] != self.num_codebooks:
-                raise ValueError(f"indices must be (B, N, {self.num_codebooks}) or (B, {self.num_codebooks}), got {tuple(indices.shape)}")
-            idx = indices
+            if indices.ndim != 4 or indices.shape[-1] != self.num_codebooks:
+                raise ValueError(f"indices must be (B, H, W, {self.num_codebooks}), got {tuple(indices.shape)}")
+        elif indices.ndim not in (2, 3) or indices.shape[-1] != self.num_codebooks:
+            raise ValueError(f"indices must be (B, N, {self.num_codebooks}) or (B, {self.num_codebooks}), got {tuple(indices.shape)}")
+        idx = indices
         if idx.numel():
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.codebook_size:
@@ -401,7 +394,8 @@ class GaussianQuantizer(nn.Module):
     def dequant(self, indices: torch.Tensor) -> torch.Tensor:
         """Exact inverse of the index step: ``codebook[indices]`` placed back into its channels.
 
-        Returns the quantized latent in the layout ``forward`` returns (float32).
+        ``indices`` in the core layout (``(B, H, W, G)`` / ``(B, N, G)`` / ``(B, G)``); returns the
+        quantized latent in the layout ``forward`` returns (float32).
         """
         z = cbm.ungroup_channels(self._codebook[self._check_indices(indices)], self.grouping)
         if self.accept_image_fmap:

@@ -87,7 +87,7 @@ def _train_and_check(vae, x, G):
         h = x.shape[-1] // 8
         assert idx.shape == (x.shape[0], G, h, h) and idx.dtype == torch.int64
         post = vae.encode(x).latent_dist
-        z_hat = q.dequant(idx)
+        z_hat = q.dequant(idx.permute(0, 2, 3, 1))  # diffusers (B, G, h, w) -> core (B, h, w, G)
         assert torch.equal(post.mode(), z_hat) and torch.equal(post.sample(), z_hat)
         assert torch.equal(post.indices, idx)
         rec = vae.decode_indices(idx).sample
@@ -186,7 +186,7 @@ def test_wrapper_routes_everything_through_forward():
     with torch.no_grad():
         out = model(x)
     assert out.indices.shape == (2, 1, 4, 4) and float(out.loss) == 0.0
-    assert torch.equal(out.latents, vae.gq_quantizer.dequant(out.indices))
+    assert torch.equal(out.latents, vae.gq_quantizer.dequant(out.indices.permute(0, 2, 3, 1)))
 
 
 def test_deepcopy_and_torch_save_of_patched_model(tmp_path):

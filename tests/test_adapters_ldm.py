@@ -37,7 +37,7 @@ def test_eval_gq_and_indices():
         idx = model.encode_indices(x)
         assert idx.shape == (2, 1, 4, 4)
         post = model.encode(x)
-        assert torch.equal(post.sample(), post.mode()) and torch.equal(post.mode(), model.gq_quantizer.dequant(idx))
+        assert torch.equal(post.sample(), post.mode()) and torch.equal(post.mode(), model.gq_quantizer.dequant(idx.permute(0, 2, 3, 1)))
         dec, _ = model(x)
         assert torch.equal(dec, model.decode_indices(idx))
     wrapped = adapters.GQAutoencoderWrapper(model).eval()

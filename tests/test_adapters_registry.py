@@ -13,7 +13,7 @@ pytest.importorskip("vector_quantize_pytorch")
 
 # name -> (kwargs, expected eval index shape, bits_per_token)
 CASES = {
-    "gq": (dict(bits_per_token=8, codebook_dim=4), (2, 2, 8, 8), 8),
+    "gq": (dict(bits_per_token=8, codebook_dim=4), (2, 8, 8, 2), 8),  # core layout (B, H, W, G)
     "vq": (dict(bits_per_token=8), (2, 8, 8), 8),
     "fsq": (dict(bits_per_token=8), (2, 8, 8), None),  # [8, 6, 5] = 240 codes ~ 7.9 bits
     "lfq": (dict(bits_per_token=8), (2, 8, 8), 8),

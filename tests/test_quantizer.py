@@ -21,11 +21,11 @@ def test_image_fmap_eval_matches_search_on_groups():
     assert loss.item() == 0.0
     rows_mu = group_channels(mean.permute(0, 2, 3, 1), 4).reshape(-1, 4)
     rows_lv = group_channels(logvar.permute(0, 2, 3, 1), 4).reshape(-1, 4)
-    expected = search_reference(rows_mu, rows_lv, q.codebook).reshape(2, 4, 4, 4).permute(0, 3, 1, 2)
+    expected = search_reference(rows_mu, rows_lv, q.codebook).reshape(2, 4, 4, 4)  # (B, H, W, G), channel-last
     assert torch.equal(idx, expected)
     assert torch.equal(q.dequant(idx), z)
-    # group g of token (b, h, w) is channels 4g..4g+3 and equals codebook[idx]
-    assert torch.equal(z[1, 4:8, 2, 3], q.codebook[idx[1, 1, 2, 3]])
+    # group g of token (b, h, w) is channels 4g..4g+3 and equals codebook[idx[b, h, w, g]]
+    assert torch.equal(z[1, 4:8, 2, 3], q.codebook[idx[1, 2, 3, 1]])
 
 
 @pytest.mark.parametrize("layout", ["seq_last", "seq_first", "single", "pair", "two_args"])
@@ -74,7 +74,7 @@ def test_train_mode_sample_and_tdc_loss():
     assert idx is None and z.shape == mean.shape
     resid = (z - mean).detach() / math.exp(-2.0)
     assert abs(resid.mean().item()) < 0.02 and abs(resid.std().item() - 1) < 0.02
-    rates = q.rates(mean, logvar)  # (B, G, H, W)
+    rates = q.rates(mean, logvar)  # (B, H, W, G)
     w = q.tdc.weights(rates)
     assert q.tdc.num_steps.item() == 1  # auto step after computing the loss with the old multipliers
     # multipliers were all 1; band rule (default): sum R + sum max(R - log2 K, 0)
@@ -220,8 +220,8 @@ def test_bad_forward_inputs():
         q.dequant(torch.full((1, 2, 2, 2), 64))
     with pytest.raises(ValueError, match=r"indices must lie in \[0, 64\)"):
         q.dequant(torch.full((1, 2, 2, 2), -1))
-    with pytest.raises(ValueError, match=r"indices must be \(B, 2, H, W\)"):
-        q.dequant(torch.zeros(1, 3, 2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"indices must be \(B, H, W, 2\)"):
+        q.dequant(torch.zeros(1, 2, 2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="integer"):
         q.dequant(torch.zeros(1, 2, 2, 2))
     with pytest.raises(ValueError, match=r"\(mean, logvar\)"):

@@ -25,7 +25,7 @@ GaussianQuantize,              :mod:`.vq_pytorch` (vector-quantize-pytorch API)
 register_with_vector_quantize_pytorch
 swap_tokenbridge_quantizer     :mod:`.tokenbridge`
 GQAutoencoderWrapper           :mod:`.wrapper` (DDP-safe encode -> GQ -> decode)
-unpatch, is_patched,           here
+patch, unpatch, is_patched,    here (``HOSTS``: the host table, one row per host)
 gq_settings_from_state_dict
 =============================  ======================================================
 """
@@ -33,39 +33,47 @@ gq_settings_from_state_dict
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 from ._patch import gq_settings_from_state_dict, is_patched  # noqa: F401  (re-exported)
 
-_LAZY = {
-    # diffusers
-    "patch_sd3_vae": "diffusers_vae",
-    "patch_autoencoder_kl": "diffusers_vae",
-    "load_pretrained_gq_vae": "diffusers_vae",
-    "patch_from_config": "diffusers_vae",
-    "suggest_gq_settings": "diffusers_vae",
-    "GQDiagonalGaussianDistribution": "diffusers_vae",
-    "GQSetting": "diffusers_vae",
-    # ldm
-    "patch_ldm_autoencoder": "ldm",
-    "GQDiagonalGaussian": "_posterior",
-    # sgm
-    "GaussianQuantRegularizer": "sgm",
-    # taming
-    "GaussianVectorQuantizer": "taming",
-    "patch_taming_vqmodel": "taming",
-    "unpatch_taming_vqmodel": "taming",
-    # vector-quantize-pytorch
-    "GaussianQuantize": "vq_pytorch",
-    "register_with_vector_quantize_pytorch": "vq_pytorch",
-    # TokenBridge
-    "swap_tokenbridge_quantizer": "tokenbridge",
-    "tokenbridge_gq_inputs": "tokenbridge",
-    # generic
-    "GQAutoencoderWrapper": "wrapper",
-    "GQAutoencoderOutput": "wrapper",
+
+@dataclass(frozen=True)
+class Host:
+    """One host library: the adapter module, its patch / unpatch functions (None for hosts
+    that take a drop-in class instead of an instance patch) and the names it exports."""
+
+    module: str
+    patch: str | None
+    unpatch: str | None
+    exports: tuple[str, ...]
+
+
+#: The host table. A patch writes its host's key into the model's undo record
+#: (:mod:`._patch`); :func:`unpatch` looks the host up here. Add a host by adding a row.
+HOSTS: dict[str, Host] = {
+    "diffusers": Host(
+        "diffusers_vae", "patch_autoencoder_kl", "unpatch",
+        ("patch_sd3_vae", "patch_autoencoder_kl", "load_pretrained_gq_vae", "patch_from_config", "suggest_gq_settings",
+         "GQDiagonalGaussianDistribution", "GQSetting"),
+    ),
+    "ldm": Host("ldm", "patch_ldm_autoencoder", "unpatch_ldm_autoencoder", ("patch_ldm_autoencoder",)),
+    "taming": Host(
+        "taming", "patch_taming_vqmodel", "unpatch_taming_vqmodel",
+        ("GaussianVectorQuantizer", "patch_taming_vqmodel", "unpatch_taming_vqmodel"),
+    ),
+    "tokenbridge": Host(
+        "tokenbridge", "swap_tokenbridge_quantizer", "unswap_tokenbridge_quantizer",
+        ("swap_tokenbridge_quantizer", "tokenbridge_gq_inputs"),
+    ),
+    "sgm": Host("sgm", None, None, ("GaussianQuantRegularizer",)),
+    "vq_pytorch": Host("vq_pytorch", None, None, ("GaussianQuantize", "register_with_vector_quantize_pytorch")),
 }
 
-__all__ = sorted([*_LAZY, "unpatch", "is_patched", "gq_settings_from_state_dict"])
+_LAZY = {name: host.module for host in HOSTS.values() for name in host.exports}
+_LAZY.update({"GQDiagonalGaussian": "_posterior", "GQAutoencoderWrapper": "wrapper", "GQAutoencoderOutput": "wrapper"})
+
+__all__ = sorted([*_LAZY, "HOSTS", "Host", "patch", "unpatch", "is_patched", "gq_settings_from_state_dict"])
 
 
 def __getattr__(name: str):
@@ -81,22 +89,27 @@ def __dir__():
     return __all__
 
 
+def _host_function(host: str, which: str):
+    if host not in HOSTS:
+        raise ValueError(f"host must be one of {sorted(HOSTS)}, got {host!r}")
+    name = getattr(HOSTS[host], which)
+    if name is None:
+        raise ValueError(f"host {host!r} has no instance {which}: use its drop-in class {HOSTS[host].exports[0]}")
+    return getattr(importlib.import_module(f".{HOSTS[host].module}", __name__), name)
+
+
+def patch(model, host: str, **kwargs):
+    """Patch ``model`` in place with the adapter of ``host`` (a key of :data:`HOSTS`); ``kwargs``
+    go to that host's patch function (e.g. ``K=2**16, m=16``). Returns the model."""
+    return _host_function(host, "patch")(model, **kwargs)
+
+
 def unpatch(model):
-    """Undo any model patch from this package (diffusers, ldm, taming, TokenBridge); returns the quantizer."""
-    if "_gq_old_quantize" in getattr(model, "__dict__", {}):  # taming VQModel
-        from .taming import unpatch_taming_vqmodel
+    """Undo any model patch from this package (diffusers, ldm, taming, TokenBridge); returns the
+    removed quantizer. The host comes from the model's undo record."""
+    from ._patch import record
 
-        return unpatch_taming_vqmodel(model)
-    if not is_patched(model):
+    rec = record(model)
+    if rec is None:
         raise ValueError("model is not patched with GQ")
-    if hasattr(model, "register_to_config"):  # a diffusers ConfigMixin model
-        from .diffusers_vae import unpatch as _unpatch
-
-        return _unpatch(model)
-    if getattr(model, "_gq_tokenbridge_saved", None) is not None:
-        from .tokenbridge import unswap_tokenbridge_quantizer
-
-        return unswap_tokenbridge_quantizer(model)
-    from ._patch import uninstall
-
-    return uninstall(model)
+    return _host_function(rec["host"], "unpatch")(model)

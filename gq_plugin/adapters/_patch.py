@@ -1,4 +1,22 @@
-"""Instance-level patching helpers shared by the model adapters (no GQ math here)."""
+"""The one patch mechanism shared by every model adapter (no GQ math here).
+
+A patch changes a model instance in three ways, all recorded in **one undo record** (a plain
+dict in ``model.__dict__[UNDO_ATTR]``, so ``copy.deepcopy`` / ``pickle`` / ``torch.save(model)``
+of a patched model keep working):
+
+* ``methods``: functions bound on the instance (:class:`BoundPatch`), shadowing the class's
+  methods (``encode``, ``encode_indices``, ...); the instance attributes they shadowed, if any,
+  are kept in the record;
+* ``attrs``: attributes set with ``setattr`` (the ``gq_quantizer`` submodule, taming's widened
+  ``quant_conv``, TokenBridge's ``reconstruction_values``); their previous values, or their
+  absence, are kept in the record;
+* ``data``: host values the patched methods read (TokenBridge's ``scale``).
+
+:func:`uninstall` restores all of it exactly. Host-specific undo steps (taming copies the trained
+mean back, diffusers drops its config key) run in the host's ``unpatch``, which
+:func:`gq_plugin.adapters.unpatch` finds through the record's ``host`` and the host table
+:data:`gq_plugin.adapters.HOSTS`.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +27,7 @@ import types
 from ..codebook import divisors
 
 QUANTIZER_ATTR = "gq_quantizer"
-_SAVED_ATTR = "_gq_saved_attrs"
+UNDO_ATTR = "_gq_patch"
 
 
 class BoundPatch:
@@ -49,52 +67,98 @@ def check_codebook_dim(latent_channels: int, m: int) -> None:
         )
 
 
+def record(model) -> dict | None:
+    """The undo record of a patched model (None if ``model`` is not patched)."""
+    return getattr(model, "__dict__", {}).get(UNDO_ATTR)
+
+
 def is_patched(model) -> bool:
     """True if ``model`` carries a GQ patch from :mod:`gq_plugin.adapters`."""
-    return _SAVED_ATTR in getattr(model, "__dict__", {})
+    return record(model) is not None
 
 
-def install(model, quantizer, methods: dict) -> None:
-    """Attach ``quantizer`` as ``model.gq_quantizer`` and bind ``methods`` on the instance.
+def quantizer_of(model):
+    """The :class:`~gq_plugin.GaussianQuantizer` (or host quantizer module) a patch attached."""
+    rec = record(model)
+    if rec is None:
+        raise ValueError("model is not patched with GQ")
+    return getattr(model, rec["quantizer"])
 
-    The previous instance attributes (if any) are remembered so :func:`uninstall` restores
-    the model exactly.
+
+def install(model, host: str, *, methods: dict | None = None, attrs: dict | None = None,
+            quantizer: str = QUANTIZER_ATTR, data: dict | None = None) -> dict:
+    """Patch ``model`` for ``host`` and write its undo record (returned).
+
+    ``methods``: name -> function ``f(self, ...)`` bound on the instance; ``attrs``: name ->
+    value set with ``setattr`` (``nn.Module`` registers modules and buffers); ``quantizer``: the
+    attribute that holds the quantizer after patching; ``data``: host values kept in the record.
     """
     if is_patched(model):
-        raise ValueError("model is already patched with GQ; call gq_plugin.adapters.unpatch(model) first")
-    # {"names": patched names, "present": instance attributes they shadowed} (no sentinel
-    # objects, so copy.deepcopy / pickling of the model keep working)
-    saved = {"names": list(methods), "present": {n: model.__dict__[n] for n in methods if n in model.__dict__}}
-    object.__setattr__(model, _SAVED_ATTR, saved)
-    setattr(model, QUANTIZER_ATTR, quantizer)  # nn.Module.__setattr__ registers it as a submodule
+        raise ValueError(
+            f"model is already patched with GQ (host {record(model)['host']!r}); call gq_plugin.adapters.unpatch(model) first"
+        )
+    methods, attrs = dict(methods or {}), dict(attrs or {})
+    d = model.__dict__
+    rec = {
+        "host": host,
+        "quantizer": quantizer,
+        "methods": list(methods),
+        "shadowed": {n: d[n] for n in methods if n in d},
+        "attrs": {n: getattr(model, n) for n in attrs if hasattr(model, n)},
+        "added": [n for n in attrs if not hasattr(model, n)],
+        "data": dict(data or {}),
+    }
+    for name, value in attrs.items():
+        setattr(model, name, value)
     for name, fn in methods.items():
         object.__setattr__(model, name, BoundPatch(fn, model))
+    object.__setattr__(model, UNDO_ATTR, rec)
+    return rec
 
 
 def original(model, name: str):
     """The bound method ``name`` as it was before patching."""
-    present = model.__dict__[_SAVED_ATTR]["present"]
-    if name in present:
-        return present[name]
+    shadowed = model.__dict__[UNDO_ATTR]["shadowed"]
+    if name in shadowed:
+        return shadowed[name]
     return types.MethodType(getattr(type(model), name), model)
 
 
-def uninstall(model):
-    """Undo :func:`install`; returns the removed quantizer."""
-    if not is_patched(model):
+def data(model) -> dict:
+    """The host values stored in the undo record."""
+    return model.__dict__[UNDO_ATTR]["data"]
+
+
+def _delete(model, name: str) -> None:
+    for table in ("_modules", "_buffers", "_parameters"):
+        t = getattr(model, table, None)
+        if t is not None and name in t:
+            del t[name]
+            return
+    model.__dict__.pop(name, None)
+
+
+def uninstall(model, host: str | None = None):
+    """Undo :func:`install`; returns the removed quantizer.
+
+    With ``host``, refuse (``ValueError``) a model patched by another host.
+    """
+    rec = record(model)
+    if rec is None:
         raise ValueError("model is not patched with GQ")
-    saved = model.__dict__.pop(_SAVED_ATTR)
-    for name in saved["names"]:
-        if name in saved["present"]:
-            object.__setattr__(model, name, saved["present"][name])
+    if host is not None and rec["host"] != host:
+        raise ValueError(f"model was patched by the {rec['host']!r} adapter, not {host!r}; use gq_plugin.adapters.unpatch(model)")
+    quantizer = getattr(model, rec["quantizer"])
+    for name in rec["methods"]:
+        if name in rec["shadowed"]:
+            object.__setattr__(model, name, rec["shadowed"][name])
         else:
             model.__dict__.pop(name, None)
-    quantizer = getattr(model, QUANTIZER_ATTR)
-    modules = getattr(model, "_modules", None)
-    if modules is not None and QUANTIZER_ATTR in modules:
-        del modules[QUANTIZER_ATTR]
-    else:
-        model.__dict__.pop(QUANTIZER_ATTR, None)
+    for name, value in rec["attrs"].items():
+        setattr(model, name, value)
+    for name in rec["added"]:
+        _delete(model, name)
+    del model.__dict__[UNDO_ATTR]
     return quantizer
 
 

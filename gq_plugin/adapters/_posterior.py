@@ -17,6 +17,11 @@ method            training                               eval
 ``indices``       GQ indices (computed on demand)        GQ indices
 ================  =====================================  ==========================================
 
+Index layout: the core's indices are channel-last ``(B, h, w, G)``; diffusers and ldm hold
+latents channel-first ``(B, C, h, w)``, so their adapters show indices (and rates) as
+``(B, G, h, w)``, lined up with the latent, and convert in exactly one place:
+:func:`to_host_layout` / :func:`from_host_layout` (the ``.gqt`` token files store this layout).
+
 ``kl().mean()`` (equivalently ``kl().sum() / B``, the reduction used by the diffusers
 ``train_autoencoderkl.py`` example and by ldm's ``LPIPSWithDiscriminator``) equals the TDC loss
 ``lam * mean over batch of sum over tokens and groups of w * R_g``.
@@ -27,6 +32,19 @@ from __future__ import annotations
 import math
 
 import torch
+
+
+def to_host_layout(core: torch.Tensor) -> torch.Tensor:
+    """Core ``(B, h, w, G)`` -> channel-first host ``(B, G, h, w)`` (indices or rates)."""
+    return core.permute(0, 3, 1, 2)
+
+
+def from_host_layout(indices: torch.Tensor) -> torch.Tensor:
+    """Channel-first host ``(B, G, h, w)`` -> core ``(B, h, w, G)``."""
+    if not isinstance(indices, torch.Tensor) or indices.ndim != 4:
+        got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
+        raise ValueError(f"indices must be a (B, G, h, w) tensor, got {got}")
+    return indices.permute(0, 2, 3, 1)
 
 
 class GQPosteriorMixin:
@@ -52,7 +70,8 @@ class GQPosteriorMixin:
     def quantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z_hat, indices)`` of this posterior (cached; no gradient)."""
         if self._gq_cache is None:
-            self._gq_cache = self.quantizer.quantize(self.mean, self.logvar)
+            z_hat, idx = self.quantizer.quantize(self.mean, self.logvar)
+            self._gq_cache = (z_hat, to_host_layout(idx))
         return self._gq_cache
 
     @property
@@ -62,12 +81,12 @@ class GQPosteriorMixin:
 
     @property
     def indices(self) -> torch.Tensor:
-        """GQ indices ``(B, n_codebooks, H, W)``, int64."""
+        """GQ indices in the host layout ``(B, n_codebooks, H, W)``, int64."""
         return self.quantize()[1]
 
     def rates(self) -> torch.Tensor:
-        """Per-group rates in bits, ``(B, n_codebooks, H, W)``."""
-        return self.quantizer.rates(self.mean, self.logvar)
+        """Per-group rates in bits, host layout ``(B, n_codebooks, H, W)``."""
+        return to_host_layout(self.quantizer.rates(self.mean, self.logvar))
 
     def tdc_loss(self) -> torch.Tensor:
         """The TDC loss of this batch (a scalar) = ``kl().mean()``."""

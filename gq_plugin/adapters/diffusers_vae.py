@@ -37,7 +37,7 @@ except ImportError as e:  # pragma: no cover - exercised only without diffusers
 from ..codebook import divisors
 from ..quantizer import GaussianQuantizer
 from . import _patch
-from ._posterior import GQPosteriorMixin
+from ._posterior import GQPosteriorMixin, from_host_layout, to_host_layout
 
 CONFIG_KEY = "gq"
 CONFIG_FORMAT = 1
@@ -74,12 +74,12 @@ def encode(self, x: torch.Tensor, return_dict: bool = True):
 def encode_indices(self, x: torch.Tensor) -> torch.Tensor:
     """GQ indices ``(B, latent_channels / m, h, w)`` (int64) of images ``x``."""
     moments = _patch.original(self, "encode")(x, return_dict=True).latent_dist.parameters
-    return self.gq_quantizer.encode_indices(moments)
+    return to_host_layout(self.gq_quantizer.encode_indices(moments))
 
 
 def decode_indices(self, indices: torch.Tensor, return_dict: bool = True):
     """Decode GQ indices: ``decode(codebook[indices])``."""
-    z = self.gq_quantizer.dequant(indices).to(self.dtype)
+    z = self.gq_quantizer.dequant(from_host_layout(indices)).to(self.dtype)
     return self.decode(z, return_dict=return_dict)
 
 
@@ -139,7 +139,7 @@ def patch_autoencoder_kl(vae, K: int = 2**16, m: int | None = None, **gq_kwargs)
             cfg[k] = v
         else:
             warnings.warn(f"GQ option {k}={v!r} is not JSON-serialisable and will not be saved in the model config", stacklevel=2)
-    _patch.install(vae, quantizer, _METHODS)
+    _patch.install(vae, "diffusers", methods=_METHODS, attrs={_patch.QUANTIZER_ATTR: quantizer})
     vae.register_to_config(**{CONFIG_KEY: cfg})
     return vae
 
@@ -158,7 +158,7 @@ def patch_sd3_vae(vae, K: int = 2**16, m: int = 16, **gq_kwargs):
 
 def unpatch(vae):
     """Restore the original ``AutoencoderKL`` behaviour; returns the removed quantizer."""
-    quantizer = _patch.uninstall(vae)
+    quantizer = _patch.uninstall(vae, "diffusers")
     internal = getattr(vae, "_internal_dict", None)
     if internal is not None and CONFIG_KEY in internal:
         vae._internal_dict = FrozenDict({k: v for k, v in internal.items() if k != CONFIG_KEY})

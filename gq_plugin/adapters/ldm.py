@@ -19,7 +19,7 @@ import torch
 
 from ..quantizer import GaussianQuantizer
 from . import _patch
-from ._posterior import GQDiagonalGaussian
+from ._posterior import GQDiagonalGaussian, from_host_layout, to_host_layout
 
 _REQUIRED = ("encoder", "quant_conv", "post_quant_conv", "decoder", "encode", "decode")
 
@@ -45,12 +45,12 @@ def encode(self, x: torch.Tensor):
 def encode_indices(self, x: torch.Tensor) -> torch.Tensor:
     """GQ indices ``(B, embed_dim / m, h, w)`` (int64)."""
     moments = _moments_of(_patch.original(self, "encode")(x))
-    return self.gq_quantizer.encode_indices(moments)
+    return to_host_layout(self.gq_quantizer.encode_indices(moments))
 
 
 def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
     """``decode(codebook[indices])``."""
-    z = self.gq_quantizer.dequant(indices)
+    z = self.gq_quantizer.dequant(from_host_layout(indices))
     ref = next(iter(self.post_quant_conv.parameters()), None) if hasattr(self.post_quant_conv, "parameters") else None
     if ref is not None:
         z = z.to(ref.dtype)
@@ -90,5 +90,10 @@ def patch_ldm_autoencoder(model, K: int = 2**16, m: int | None = None, **gq_kwar
     ref = next(iter(model.quant_conv.parameters()), None) if hasattr(model.quant_conv, "parameters") else None
     if ref is not None:
         quantizer.to(ref.device)
-    _patch.install(model, quantizer, _METHODS)
+    _patch.install(model, "ldm", methods=_METHODS, attrs={_patch.QUANTIZER_ATTR: quantizer})
     return model
+
+
+def unpatch_ldm_autoencoder(model):
+    """Undo :func:`patch_ldm_autoencoder`; returns the removed quantizer."""
+    return _patch.uninstall(model, "ldm")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..codebook import ungroup_channels
 from ..quantizer import GaussianQuantizer
 
 try:  # pragma: no cover - sgm is not pip-installable; exercised only where it is on the path
@@ -64,19 +65,19 @@ class GaussianQuantRegularizer(_Base):
         r = self.gq.rates(z).detach()
         return {"bits-mean": r.mean(), "bits-min": r.min(), "bits-max": r.max()}
 
-    def _to_sgm_indices(self, idx: torch.Tensor) -> torch.Tensor:  # (B, G, H, W) -> sgm layout
-        return idx[:, 0] if self.gq.num_codebooks == 1 else idx.permute(0, 2, 3, 1)
+    def _to_sgm_indices(self, idx: torch.Tensor) -> torch.Tensor:  # core (B, H, W, G) -> sgm layout
+        return idx[..., 0] if self.gq.num_codebooks == 1 else idx
 
-    def _from_sgm_indices(self, indices: torch.Tensor) -> torch.Tensor:  # sgm layout -> (B, G, H, W)
+    def _from_sgm_indices(self, indices: torch.Tensor) -> torch.Tensor:  # sgm layout -> core (B, H, W, G)
         if self.gq.num_codebooks == 1:
             if indices.ndim == 4 and indices.shape[-1] == 1:
                 indices = indices[..., 0]
             if indices.ndim != 3:
                 raise ValueError(f"indices must be (B, H, W), got {tuple(indices.shape)}")
-            return indices.unsqueeze(1)
+            return indices.unsqueeze(-1)
         if indices.ndim != 4 or indices.shape[-1] != self.gq.num_codebooks:
             raise ValueError(f"indices must be (B, H, W, {self.gq.num_codebooks}), got {tuple(indices.shape)}")
-        return indices.permute(0, 3, 1, 2)
+        return indices
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, dict]:
         out, idx, loss = self.gq(z)
@@ -105,9 +106,9 @@ class GaussianQuantRegularizer(_Base):
         if shape is not None:
             b, h, w = int(shape[0]), int(shape[1]), int(shape[2])
             g = self.gq.num_codebooks
-            idx = indices.reshape(b, h, w, g).permute(0, 3, 1, 2)
-            return self.gq.dequant(idx)
-        return self.gq.dequant(self._from_sgm_indices(indices)).permute(0, 2, 3, 1)
+            return self.gq.dequant(indices.reshape(b, h, w, g))
+        codes = self.gq.get_codes_from_indices(self._from_sgm_indices(indices))  # (B, H, W, G, m)
+        return ungroup_channels(codes, self.gq.grouping)
 
     def dequant(self, indices: torch.Tensor) -> torch.Tensor:
         """sgm-layout indices -> ``(B, dim, H, W)``."""

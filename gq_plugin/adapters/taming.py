@@ -24,7 +24,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..codebook import ungroup_channels
 from ..quantizer import GaussianQuantizer
+from . import _patch
 
 
 class GaussianVectorQuantizer(nn.Module):
@@ -62,8 +64,7 @@ class GaussianVectorQuantizer(nn.Module):
     def codebook(self) -> torch.Tensor:
         return self.gq.codebook
 
-    def _index_layout(self, idx: torch.Tensor) -> torch.Tensor:
-        idx = idx.permute(0, 2, 3, 1)  # (B, H, W, G)
+    def _index_layout(self, idx: torch.Tensor) -> torch.Tensor:  # core (B, H, W, G) -> taming
         if self.sane_index_shape:
             return idx[..., 0] if self.gq.num_codebooks == 1 else idx
         return idx.reshape(-1)
@@ -85,11 +86,10 @@ class GaussianVectorQuantizer(nn.Module):
         g = self.gq.num_codebooks
         if shape is not None:
             b, h, w = int(shape[0]), int(shape[1]), int(shape[2])
-            return self.gq.dequant(indices.reshape(b, h, w, g).permute(0, 3, 1, 2))
+            return self.gq.dequant(indices.reshape(b, h, w, g))
         lead = indices.shape if g == 1 else indices.shape[:-1]
-        flat = indices.reshape(-1, g)  # (N, G)
-        codes = self.gq.dequant(flat.T.reshape(1, g, -1, 1))  # (1, C, N, 1)
-        return codes[0, :, :, 0].T.reshape(*lead, self.e_dim)
+        codes = self.gq.get_codes_from_indices(indices.reshape(1, 1, -1, g))  # (1, 1, N, G, m)
+        return ungroup_channels(codes, self.gq.grouping).reshape(*lead, self.e_dim)
 
     def embed_code(self, indices: torch.Tensor, shape=None) -> torch.Tensor:
         """For ``VQModel.decode_code``: ``(B, H, W[, G])`` indices -> ``(B, C, H, W)``."""
@@ -123,14 +123,14 @@ def patch_taming_vqmodel(model, K: int | None = None, m: int | None = None, logv
     GQ VQ-VAE in place: widen ``quant_conv`` to ``2 * embed_dim`` and swap ``quantize``.
 
     ``K`` defaults to the old quantizer's ``n_e``; ``m`` to ``embed_dim``. ``encode`` /
-    ``decode`` / ``forward`` / the VQ-GAN loss stay unchanged. The old modules are kept as
-    ``model._gq_old_quant_conv`` / ``model._gq_old_quantize`` (not registered submodules).
+    ``decode`` / ``forward`` / the VQ-GAN loss stay unchanged. The old modules are kept in the
+    patch's undo record (not registered submodules); :func:`gq_plugin.adapters.unpatch` restores them.
     """
     for a in ("quant_conv", "quantize"):
         if not hasattr(model, a):
             raise ValueError(f"not a taming VQModel-like model: missing {a!r}")
-    if isinstance(model.quantize, GaussianVectorQuantizer):
-        raise ValueError("model is already patched with GaussianVectorQuantizer")
+    if isinstance(model.quantize, GaussianVectorQuantizer) or _patch.is_patched(model):
+        raise ValueError("model is already patched with GaussianVectorQuantizer; call gq_plugin.adapters.unpatch(model) first")
     old_q = model.quantize
     embed_dim = model.quant_conv.out_channels
     K = K if K is not None else getattr(old_q, "n_e", None)
@@ -140,10 +140,7 @@ def patch_taming_vqmodel(model, K: int | None = None, m: int | None = None, logv
     new_conv = _widen_quant_conv(old_conv, logvar_init)
     sane = bool(getattr(old_q, "sane_index_shape", False))
     gq = GaussianVectorQuantizer(K, embed_dim, sane_index_shape=sane, codebook_dim=m, **gq_kwargs).to(new_conv.weight.device)
-    model.quant_conv = new_conv
-    model.quantize = gq
-    object.__setattr__(model, "_gq_old_quant_conv", old_conv)
-    object.__setattr__(model, "_gq_old_quantize", old_q)
+    _patch.install(model, "taming", attrs={"quant_conv": new_conv, "quantize": gq}, quantizer="quantize")
     return model
 
 
@@ -153,17 +150,14 @@ def unpatch_taming_vqmodel(model, keep_trained_mean: bool = True):
     With ``keep_trained_mean`` the mean half of the widened ``quant_conv`` (trained since the
     patch) is copied back into the restored conv; the old quantizer comes back as it was.
     """
-    old_conv = model.__dict__.pop("_gq_old_quant_conv", None)
-    old_q = model.__dict__.pop("_gq_old_quantize", None)
-    if old_conv is None or old_q is None:
+    rec = _patch.record(model)
+    if rec is None or rec["host"] != "taming":
         raise ValueError("model was not patched by patch_taming_vqmodel")
-    gq = model.quantize
     if keep_trained_mean:
+        old_conv = rec["attrs"]["quant_conv"]
         c = old_conv.out_channels
         with torch.no_grad():
             old_conv.weight.copy_(model.quant_conv.weight[:c])
             if old_conv.bias is not None:
                 old_conv.bias.copy_(model.quant_conv.bias[:c])
-    model.quant_conv = old_conv
-    model.quantize = old_q
-    return gq
+    return _patch.uninstall(model, "taming")

@@ -36,7 +36,6 @@ from ..quantizer import GaussianQuantizer
 from . import _patch
 
 TOKENBRIDGE_SCALE = 0.2325
-_SAVED = "_gq_tokenbridge_saved"
 
 
 def tokenbridge_gq_inputs(posterior=None, *, mean: torch.Tensor | None = None, logvar: torch.Tensor | None = None,
@@ -60,7 +59,7 @@ def _token_dim(model) -> int:
 
 def quantize(self, x: torch.Tensor, logvar: torch.Tensor | None = None):
     """GQ replacement of ``TokenBridge.quantize``: ``(indices, dequant)``."""
-    st = self.__dict__[_SAVED]
+    st = _patch.data(self)
     scale = st["scale"]
     c = st["token_dim"]
     if logvar is None:
@@ -78,7 +77,7 @@ def quantize(self, x: torch.Tensor, logvar: torch.Tensor | None = None):
 
 def dequantize_tokens(self, indices: torch.Tensor) -> torch.Tensor:
     """Tokens ``(B, L, C/m)`` -> values in TokenBridge's normalised units ``(B, L, C)``."""
-    return self.gq_quantizer.dequant(indices) * self.__dict__[_SAVED]["scale"]
+    return self.gq_quantizer.dequant(indices) * _patch.data(self)["scale"]
 
 
 def swap_tokenbridge_quantizer(model, gq: GaussianQuantizer | None = None, *, K: int | None = None, m: int = 1,
@@ -108,9 +107,7 @@ def swap_tokenbridge_quantizer(model, gq: GaussianQuantizer | None = None, *, K:
     ref = getattr(model, "reconstruction_values", None)
     if isinstance(ref, torch.Tensor):
         gq = gq.to(ref.device)
-    _patch.install(model, gq, {"quantize": quantize, "dequantize_tokens": dequantize_tokens})
-    saved = {"scale": float(scale), "token_dim": c, "reconstruction_values": ref, "quant_levels": getattr(model, "quant_levels", None)}
-    object.__setattr__(model, _SAVED, saved)
+    attrs = {_patch.QUANTIZER_ATTR: gq}
     if gq.codebook_dim == 1:
         if gq.codebook_size != getattr(model, "quant_levels", gq.codebook_size):
             warnings.warn(
@@ -121,23 +118,21 @@ def swap_tokenbridge_quantizer(model, gq: GaussianQuantizer | None = None, *, K:
         std = float(model.std_range)
         lo, hi = float(model.quant_min), float(model.quant_max)
         # inverse of TokenBridge's lookup rescale, so reconstruction_values[tokens] -> rescale == table[tokens]
-        new = ((table - lo) / (hi - lo) * (2 * std) - std).to(ref.dtype if isinstance(ref, torch.Tensor) else torch.float32)
-        model.reconstruction_values = new
+        attrs["reconstruction_values"] = ((table - lo) / (hi - lo) * (2 * std) - std).to(
+            ref.dtype if isinstance(ref, torch.Tensor) else torch.float32
+        )
     else:
         warnings.warn(
             f"m={gq.codebook_dim} > 1: tokens are (B, L, {gq.num_codebooks}) over {gq.codebook_size} codes; rebuild the "
             "channel-AR head for that and use model.dequantize_tokens instead of reconstruction_values lookups",
             stacklevel=2,
         )
+    _patch.install(model, "tokenbridge", methods={"quantize": quantize, "dequantize_tokens": dequantize_tokens}, attrs=attrs,
+                   data={"scale": float(scale), "token_dim": c})
     return model
 
 
 def unswap_tokenbridge_quantizer(model):
-    """Undo :func:`swap_tokenbridge_quantizer`; returns the removed quantizer."""
-    saved = model.__dict__.pop(_SAVED, None)
-    if saved is None:
-        raise ValueError("model has no swapped GQ quantizer")
-    gq = _patch.uninstall(model)
-    if saved["reconstruction_values"] is not None:
-        model.reconstruction_values = saved["reconstruction_values"]
-    return gq
+    """Undo :func:`swap_tokenbridge_quantizer` (``quantize`` and ``reconstruction_values`` come
+    back); returns the removed quantizer."""
+    return _patch.uninstall(model, "tokenbridge")

@@ -77,11 +77,9 @@ class GaussianQuantize(GaussianQuantizer):
     # ----------------------------------------------------------- index layouts
 
     def _to_vq_indices(self, idx: torch.Tensor | None) -> torch.Tensor | None:
-        """core layout ((B,G,H,W) / (B,N,G) / (B,G)) -> VectorQuantize layout."""
+        """core layout ((B,H,W,G) / (B,N,G) / (B,G)) -> VectorQuantize layout (drop G when 1)."""
         if idx is None:
             return None
-        if self.accept_image_fmap:
-            idx = idx.permute(0, 2, 3, 1)  # (B, H, W, G)
         return idx[..., 0] if self.num_codebooks == 1 else idx
 
     def _from_vq_indices(self, indices: torch.Tensor) -> torch.Tensor:
@@ -92,10 +90,8 @@ class GaussianQuantize(GaussianQuantizer):
             indices = indices.unsqueeze(-1)
         elif indices.shape[-1] != g:
             raise ValueError(f"indices must end with the {g} heads axis, got {tuple(indices.shape)}")
-        if self.accept_image_fmap:
-            if indices.ndim != 4:
-                raise ValueError(f"indices must be (b, h, w{', heads' if g > 1 else ''}), got {tuple(indices.shape)}")
-            indices = indices.permute(0, 3, 1, 2)
+        if self.accept_image_fmap and indices.ndim != 4:
+            raise ValueError(f"indices must be (b, h, w{', heads' if g > 1 else ''}), got {tuple(indices.shape)}")
         return indices
 
     def _check_indices(self, indices: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ._patch import QUANTIZER_ATTR, is_patched
+from ._patch import is_patched, quantizer_of
 
 
 class GQAutoencoderOutput(NamedTuple):
@@ -60,7 +60,7 @@ class GQAutoencoderWrapper(nn.Module):
 
     @property
     def quantizer(self):
-        return getattr(self.model, QUANTIZER_ATTR)
+        return quantizer_of(self.model)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> GQAutoencoderOutput:
         posterior = _posterior_of(self.model.encode(x))

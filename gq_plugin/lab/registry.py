@@ -14,7 +14,7 @@ codebook_dim=None, **kwargs)`` returns an ``nn.Module`` with
 =============  ===========================  =================================  ==================
 name           input                        indices                            aux_loss
 =============  ===========================  =================================  ==================
-gq             (B, 2C, H, W) posterior       (B, C/m, H, W) [#]_                TDC (train), 0 (eval)
+gq             (B, 2C, H, W) posterior       (B, H, W, C/m) [#]_                TDC (train), 0 (eval)
 vq             (B, C, H, W)                  (B, H, W)                          commitment
 fsq            (B, C, H, W)                  (B, H, W)                          0
 lfq / bsq      (B, C, H, W)                  (B, H, W)                          entropy (train)
