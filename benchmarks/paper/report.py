@@ -353,6 +353,11 @@ def write_report(out: Path, scale: str, rows: dict, seeds: list[int], cmd: str, 
     missing = [r for r in rows if not res.get(r)]
     if missing:
         L += ["", f"Rows not run yet ({len(missing)}): " + ", ".join(f"`{m}`" for m in missing)]
+    from report_pretrained import section_block  # the from-pretrained protocol's block, when it has run here
+
+    fp = section_block(out / "from_pretrained")
+    if fp:
+        L += [""] + fp
     L.append("")
     path = out / "RESULTS.md"
     path.write_text("\n".join(L))
