@@ -138,6 +138,9 @@ def test_full_scale_plan_is_the_issue_protocol(tmp_path):
     assert {sp["K"] for r, sp in rows.items() if sp["group"] == "ksweep"} == {2**k for k in range(12, 19)}
     assert {r for r, sp in rows.items() if sp["group"] == "alpha"} == {"tdc-a0.25+gq", "tdc-a1+gq"}
     assert rows["tdc+gq-beta0"]["beta"] == 0.0
+    # the committed results use the authors' TDC rule; the vanilla row only means "no per-group control" in it
+    assert all(q.get("tdc_rule") == "reference" for q in trains.values() if q["name"] == "gq")
+    assert trains["vanilla"]["lam_max_range"] == [1.0, 1.0] == trains["vanilla"]["lam_min_range"]
     # the configs validate (bad keys would raise here, not hours into a GPU run)
     for t, q in trains.items():
         cfg = run._load_config(run.recipe("full", q, 0, tmp_path / t, None))
