@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _photos import photos_available
 
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
@@ -16,16 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 RUN = REPO / "benchmarks" / "paper" / "run.py"
 
 
-def _photos_available() -> bool:
-    from gq_plugin.lab.data import PhotoDataset
-
-    try:
-        return PhotoDataset(None, split="eval", size=32, eval_fraction=0.15).n_photos > 0
-    except (FileNotFoundError, ValueError):
-        return False
-
-
-@pytest.mark.skipif(not _photos_available(), reason="needs fetched photos: python -m gq_plugin.lab.data fetch --set small")
+@pytest.mark.skipif(not photos_available(), reason="needs fetched photos: python -m gq_plugin.lab.data fetch --set small")
 def test_smoke_rows_end_to_end_and_resume(tmp_path):
     out = tmp_path / "paper"
     cmd = [sys.executable, str(RUN), "--scale", "smoke", "--only", "tdc+gq,fsq,tdc+gq-beta0", "--out", str(out), "--quiet"]

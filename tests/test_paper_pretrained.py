@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _photos import photos_available
 
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
@@ -14,15 +15,6 @@ pytest.importorskip("vector_quantize_pytorch")
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "paper" / "pretrained.py"
-
-
-def _photos_available() -> bool:
-    from gq_plugin.lab.data import PhotoDataset
-
-    try:
-        return PhotoDataset(None, split="eval", size=32, eval_fraction=0.15).n_photos > 0
-    except (FileNotFoundError, ValueError):
-        return False
 
 
 def _modules():
@@ -76,7 +68,7 @@ def test_chosen_lr_is_the_best_seed0_key_row_once_the_grid_is_complete(tmp_path)
     assert pretrained.chosen_lr(tmp_path, finetunes, rows, s) == best
 
 
-@pytest.mark.skipif(not _photos_available(), reason="needs fetched photos: python -m gq_plugin.lab.data fetch --set small")
+@pytest.mark.skipif(not photos_available(), reason="needs fetched photos: python -m gq_plugin.lab.data fetch --set small")
 def test_smoke_protocol_end_to_end_resume_and_budget(tmp_path):
     out = tmp_path / "fp"
     # a zero budget trains nothing and still writes the report with every row pending
@@ -115,7 +107,7 @@ def test_smoke_protocol_end_to_end_resume_and_budget(tmp_path):
     assert stamps() == before
 
 
-@pytest.mark.skipif(not _photos_available(), reason="needs fetched photos")
+@pytest.mark.skipif(not photos_available(), reason="needs fetched photos")
 def test_estimate_projects_every_training():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--scale", "smoke", "--estimate", "--estimate-steps", "1"], check=False,
                           capture_output=True, text=True, timeout=600)

@@ -230,10 +230,6 @@ def run(args) -> int:
 
 def estimate(args) -> int:
     """Time a few optimizer steps of the pretraining and of every fine-tune; project the whole protocol."""
-    from gq_plugin.lab.losses import ReconstructionLoss
-    from gq_plugin.lab.models import build_model
-    from gq_plugin.lab.train import build_datasets
-
     finetunes, _ = plan(args.scale)
     s = SCALES[args.scale]
     n_runs = len(s["lrs"]) + max(0, args.seeds - 1)  # LR grid on seed 0 + the chosen LR on the other seeds
@@ -242,23 +238,7 @@ def estimate(args) -> int:
     items += [(t, q, s["steps"], n_runs) for t, q in finetunes.items()]
     for name, qcfg, steps, runs in items:
         cfg = bench._load_config(_recipe(args.key, qcfg, 0, Path("/tmp/unused"), args.data_root, s["lr"], steps, None))
-        vae, w = build_model(cfg)
-        w.train()
-        lf = ReconstructionLoss(l1=1.0, lpips=s["lpips"])
-        opt = bench.torch.optim.Adam([p for p in w.parameters() if p.requires_grad], lr=s["lr"])
-        ds = build_datasets(cfg.data, "train")
-        x = bench.torch.stack([ds[i] for i in range(s["batch"])])
-        times = []
-        for i in range(args.estimate_steps + 1):
-            t0, c0 = time.time(), time.process_time()
-            o = w(x)
-            rec, _ = lf.generator_loss(x, o.sample, 0, vae.decoder.conv_out.weight)
-            (rec + o.loss).backward()
-            opt.step()
-            opt.zero_grad()
-            if i:
-                times.append((time.process_time() - c0) / max(1, bench.torch.get_num_threads()))
-        per = sum(times) / len(times)
+        _, per = bench.time_training_steps(cfg, s, args.estimate_steps)
         proj = per * steps * runs
         total += proj
         lines.append(f"{name:16s} {per:6.2f} s/step (cpu/threads) x {steps} steps x {runs} run(s) ~ {proj / 60:6.1f} min")

@@ -130,7 +130,7 @@ def report(rows: dict, args) -> Path:
     n_pairs = len(_paired(rows, seeds, lambda r: 0.0))
     goal_over = bool(over) and all(o <= GOAL_OVER for o in over)
     L += ["", "## The issue's goal", "",
-          f"* At most 5 % of held-out rates over budget with `band` after 600 steps: "
+          "* At most 5 % of held-out rates over budget with `band` after 600 steps: "
           + (("**met**" if goal_over else "**not met**") + " on " + ", ".join(f"seed {s}: {100 * rows[('band', s)]['band']['over_budget']:.1f} %"
                                                                           for s in seeds if ("band", s) in rows) if over else "not measured yet") + ".",
           "* Continuous and GQ PSNR at least as good as `reference`, paired by seed: "
