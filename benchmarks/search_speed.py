@@ -56,7 +56,8 @@ def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def _data(n: int, k: int, m: int, seed: int = 0):
+def search_data(n: int, k: int, m: int, seed: int = 0):
+    """``(mean, logvar, codebook, W, F)`` on the CPU: Gaussian posteriors, i.i.d. Gaussian codebook."""
     import torch
 
     from gq_plugin.search import codebook_features, row_features
@@ -74,7 +75,7 @@ def _run_method(method: str, n: int, k: int, m: int, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    mean, logvar, codebook, w, f = _data(n, k, m)
+    mean, logvar, codebook, w, f = search_data(n, k, m)
     rows = n
     fn = None
     check = None  # (indices, rows) to compare with the fused kernel

@@ -7,7 +7,7 @@ Divergence Constraint (TDC) of "Vector Quantization using Gaussian Variational A
 """
 
 from .codebook import codebook_fingerprint, group_channels, group_index_map, make_codebook, ungroup_channels
-from .quantizer import CodebookUsage, GaussianQuantizer, codebook_usage
+from .quantizer import CodebookUsage, GaussianQuantizer, GQConfig, codebook_usage
 from .rate import (
     BandStats,
     RateStats,
@@ -20,13 +20,15 @@ from .rate import (
     recommend_codebook,
 )
 from .search import available_backends, gq_search, search_reference
-from .tdc import TargetDivergenceConstraint
+from .tdc import TargetDivergenceConstraint, TDCSettings
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GaussianQuantizer",
+    "GQConfig",
     "TargetDivergenceConstraint",
+    "TDCSettings",
     "CodebookUsage",
     "codebook_usage",
     "make_codebook",

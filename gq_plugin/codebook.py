@@ -25,7 +25,9 @@ Grouping (which channels form one sub-codebook vector):
 from __future__ import annotations
 
 import hashlib
-from functools import lru_cache
+import os
+import threading
+from collections import OrderedDict
 
 import torch
 
@@ -53,10 +55,79 @@ def check_codebook_args(codebook_size: int, codebook_dim: int, kind: str = "sobo
             f"codebook_dim={codebook_dim} exceeds the Sobol engine's maximum dimension "
             f"{torch.quasirandom.SobolEngine.MAXDIM}; use codebook='iid'"
         )
+    if kind == "sobol" and codebook_size > 2**SOBOL_MAXBIT:
+        raise ValueError(f"codebook_size={codebook_size} exceeds the Sobol engine's 2**{SOBOL_MAXBIT} points; use codebook='iid' or a smaller K")
+    need, have = codebook_bytes(codebook_size, codebook_dim), memory_bytes()
+    if have is not None and need > have:
+        raise ValueError(
+            f"codebook_size={codebook_size} x codebook_dim={codebook_dim} does not fit: building the codebook needs "
+            f"{need / 2**30:.1f} GiB (float64 draw + float32 codebook + search features), this machine has {have / 2**30:.1f} GiB"
+        )
 
 
-@lru_cache(maxsize=16)
+SOBOL_MAXBIT = 30  # torch.quasirandom.SobolEngine draws at most 2**30 points
+# bytes per codebook entry while a quantizer is built: the float64 draw (8), the float32 codebook
+# (4) and its float32 search features [c^2, c] (8)
+BYTES_PER_ENTRY = 20
+
+
+def codebook_bytes(codebook_size: int, codebook_dim: int) -> int:
+    """Peak bytes to build a ``(K, m)`` codebook and its search features."""
+    return int(codebook_size) * int(codebook_dim) * BYTES_PER_ENTRY
+
+
+def memory_bytes() -> int | None:
+    """Physical memory of this machine in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def as_index_tensor(indices, name: str = "indices") -> torch.Tensor:
+    """``indices`` as an int64 tensor: any integer dtype (uint16/32/64 included, which torch
+    cannot reduce directly); ``ValueError`` for floats, bools, complex and non-tensors."""
+    if not isinstance(indices, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(indices).__name__}")
+    if indices.dtype.is_floating_point or indices.dtype == torch.bool or indices.is_complex():
+        raise ValueError(f"{name} must be an integer tensor, got {indices.dtype}")
+    idx = indices.long()
+    if indices.dtype == torch.uint64 and idx.numel() and int(idx.min()) < 0:
+        raise ValueError(f"{name} hold values >= 2**63 (uint64), far outside any codebook")
+    return idx
+
+
+# The float64 codebooks behind make_codebook are cached (the same (K, m, seed, kind) is asked for by
+# every quantizer and every .to(dtype)), within a byte budget: least recently used ones go first,
+# and one larger than the budget is never kept.
+CACHE_BYTES = 256 * 2**20
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
 def _make_codebook_f64(codebook_size: int, codebook_dim: int, seed: int, kind: str) -> torch.Tensor:
+    key = (codebook_size, codebook_dim, seed, kind)
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    cb = _draw_codebook_f64(*key)
+    size = cb.numel() * cb.element_size()
+    with _CACHE_LOCK:
+        if size <= CACHE_BYTES:
+            _CACHE[key] = cb
+            while sum(t.numel() * t.element_size() for t in _CACHE.values()) > CACHE_BYTES:
+                _CACHE.popitem(last=False)
+    return cb
+
+
+def cache_bytes() -> int:
+    """Bytes held by the float64 codebook cache (at most ``CACHE_BYTES``)."""
+    with _CACHE_LOCK:
+        return sum(t.numel() * t.element_size() for t in _CACHE.values())
+
+
+def _draw_codebook_f64(codebook_size: int, codebook_dim: int, seed: int, kind: str) -> torch.Tensor:
     if kind == "sobol":
         engine = torch.quasirandom.SobolEngine(codebook_dim, scramble=True, seed=seed)
         u = engine.draw(codebook_size, dtype=torch.float32).to(torch.float64)

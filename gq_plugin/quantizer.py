@@ -1,6 +1,6 @@
 """``GaussianQuantizer``: a Gaussian-VAE bottleneck that becomes a VQ bottleneck in eval mode.
 
-One data path (DESIGN.md):
+One data path (docs/design.md, section 1; the layers and where to add a host or a backend: sections 2-3):
 
     encoder -> (mean, logvar) -> train: mean + sigma * eps, TDC loss
                               -> eval:  GQ search -> indices -> codebook lookup (z_hat)
@@ -24,45 +24,193 @@ where ``G = dim / codebook_dim`` sub-codebooks per token share one ``(K, m)`` co
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import operator
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from . import codebook as cbm
-from .rate import LOGVAR_RANGE, bits_per_pixel, bits_per_token, group_rates
-from .search import DEFAULT_TILE_K, DEFAULT_TILE_N, codebook_features, gq_search
-from .tdc import TargetDivergenceConstraint
+from .rate import LOGVAR_RANGE, bits_per_pixel, bits_per_token, group_rates, reparameterize
+from .search import DEFAULT_TILE_K, DEFAULT_TILE_N, backend_names, codebook_features, gq_search
+from .tdc import TargetDivergenceConstraint, TDCSettings
 
-_GROUPING_CODES = {g: i for i, g in enumerate(cbm.GROUPINGS)}
-_KIND_CODES = {k: i for i, k in enumerate(cbm.CODEBOOK_KINDS)}
-CONFIG_FIELDS = ("codebook_size (K)", "codebook_dim (m)", "grouping", "codebook kind", "seed", "dim", "beta")
-
-
-def beta_to_int(beta: float) -> int:
-    """The float64 bit pattern of ``beta`` as an int64 (so it fits the int64 config buffer)."""
-    return struct.unpack("<q", struct.pack("<d", float(beta)))[0]
+SETTINGS_FORMAT = 2  # version of GQConfig.to_dict (1 = the flat vae.config["gq"] of gq-plugin <= 0.1)
+#: The fields that define the discrete representation (checked when a checkpoint loads), with
+#: the names error messages use.
+REPRESENTATION = {"codebook_size": "codebook_size (K)", "codebook_dim": "codebook_dim (m)", "grouping": "grouping",
+                  "codebook": "codebook kind", "seed": "seed", "dim": "dim", "beta": "beta"}
 
 
-def int_to_beta(value: int) -> float:
-    return struct.unpack("<d", struct.pack("<q", int(value)))[0]
+def _int(name: str, v, low: int = 1) -> int:
+    try:
+        i = operator.index(v)
+    except TypeError:
+        i = None
+    if isinstance(v, bool) or i is None or i < low:
+        raise ValueError(f"{name} must be a {'positive int' if low == 1 else f'int >= {low}'}, got {v!r}")
+    return i
 
 
-def decode_config(values: list[int]) -> dict:
-    """The ``gq_config`` buffer as a dict (older 6-field buffers have no beta)."""
-    out = {
-        "codebook_size": values[0],
-        "codebook_dim": values[1],
-        "grouping": cbm.GROUPINGS[values[2]] if 0 <= values[2] < len(cbm.GROUPINGS) else values[2],
-        "codebook": cbm.CODEBOOK_KINDS[values[3]] if 0 <= values[3] < len(cbm.CODEBOOK_KINDS) else values[3],
-        "seed": values[4],
-        "dim": values[5],
-    }
-    if len(values) > 6:
-        out["beta"] = int_to_beta(values[6])
+@dataclass(frozen=True)
+class GQConfig:
+    """The GQ + TDC settings of a :class:`GaussianQuantizer`: the single source of their names,
+    defaults and validation, serialised one way (:meth:`to_dict` / :meth:`to_json`).
+
+    Representation (a checkpoint must match these): ``dim`` (latent channels C),
+    ``codebook_size`` (K), ``codebook_dim`` (m, default ``dim``), ``grouping``, ``codebook``,
+    ``seed``, ``beta``. Numerics: ``logvar_range``. TDC: ``tdc`` (a :class:`~gq_plugin.tdc.TDCSettings`;
+    its fields are also accepted flat, e.g. ``tolerance=``). Runtime: ``tdc_auto_step``,
+    ``sync_distributed``, ``search_in_train``, ``search_backend``, ``check_finite``, ``tile_n``, ``tile_k``.
+    See :class:`GaussianQuantizer` for what each does. Hosts that say ``K``/``m`` map them here by
+    position: ``GaussianQuantizer(C, K, m, **settings)``.
+    """
+
+    dim: int
+    codebook_size: int
+    codebook_dim: int | None = None
+    grouping: str = "contiguous"
+    codebook: str = "sobol"
+    seed: int = 42
+    beta: float = 1.0
+    logvar_range: tuple[float, float] = LOGVAR_RANGE
+    tdc: TDCSettings = field(default_factory=TDCSettings)
+    tdc_auto_step: bool = True
+    sync_distributed: bool = True
+    search_in_train: bool = False
+    search_backend: str | None = None
+    check_finite: bool = True
+    tile_n: int = DEFAULT_TILE_N
+    tile_k: int = DEFAULT_TILE_K
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise once
+        set_(self, "dim", _int("dim", self.dim))
+        if self.codebook_dim is None:
+            set_(self, "codebook_dim", self.dim)
+        cbm.check_codebook_args(self.codebook_size, self.codebook_dim, self.codebook)
+        cbm.check_grouping(self.dim, self.codebook_dim, self.grouping)
+        set_(self, "seed", _int("seed", self.seed, low=0))
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not math.isfinite(self.beta):
+            raise ValueError(f"beta must be a finite number, got {self.beta!r}")
+        set_(self, "beta", float(self.beta))
+        try:
+            lo, hi = (float(v) for v in self.logvar_range)
+        except (TypeError, ValueError):
+            raise ValueError(f"logvar_range must be a (low, high) pair, got {self.logvar_range!r}") from None
+        if not lo < hi:
+            raise ValueError(f"logvar_range must be (low, high) with low < high, got {(lo, hi)}")
+        set_(self, "logvar_range", (lo, hi))
+        if isinstance(self.tdc, dict):
+            set_(self, "tdc", TDCSettings.from_dict(self.tdc))
+        elif not isinstance(self.tdc, TDCSettings):
+            raise ValueError(f"tdc must be a TDCSettings or a dict, got {type(self.tdc).__name__}")
+        for name in ("tdc_auto_step", "sync_distributed", "search_in_train", "check_finite"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        b = self.search_backend
+        if b is not None and (not isinstance(b, str) or b.lower() not in (*backend_names(), "auto")):
+            raise ValueError(f"search_backend must be None, 'auto' or one of {backend_names()}, got {b!r}")
+        set_(self, "tile_n", _int("tile_n", self.tile_n))
+        set_(self, "tile_k", _int("tile_k", self.tile_k))
+
+    @property
+    def num_codebooks(self) -> int:
+        return self.dim // self.codebook_dim
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """Every accepted setting name, flat (the TDC fields included, ``tdc`` itself not)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "tdc") + TDCSettings.names()
+
+    @classmethod
+    def from_dict(cls, d: dict, **given) -> GQConfig:
+        """Settings from :meth:`to_dict` output, a flat dict of :meth:`names`, or the flat
+        ``vae.config["gq"]`` of format 1; ``given`` adds/overrides keys (e.g. ``dim=``).
+        ``ValueError`` names an unknown key, a bad value or a newer format."""
+        d = {**d, **given}
+        fmt = d.pop("format", SETTINGS_FORMAT)
+        if not isinstance(fmt, int) or fmt > SETTINGS_FORMAT:
+            raise ValueError(f"GQ settings format {fmt!r} is newer than this gq-plugin understands ({SETTINGS_FORMAT})")
+        tdc = dict(d.pop("tdc", None) or {})
+        tdc.update({k: d.pop(k) for k in TDCSettings.names() if k in d})
+        unknown = sorted(set(d) - set(cls.names()))
+        if unknown:
+            raise ValueError(f"unknown GQ setting(s) {unknown}; valid: {sorted(cls.names())}")
+        missing = [k for k in ("dim", "codebook_size") if k not in d]
+        if missing:
+            raise ValueError(f"GQ settings need {missing}")
+        return cls(**d, tdc=TDCSettings.from_dict(tdc))
+
+    def to_dict(self) -> dict:
+        """JSON-able nested dict: ``{"format": 2, <fields>, "tdc": {...}}`` (pairs as lists)."""
+        out = {"format": SETTINGS_FORMAT}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.as_dict() if isinstance(v, TDCSettings) else list(v) if isinstance(v, tuple) else v
+        return out
+
+    def flat(self) -> dict:
+        """``{name: value}`` for every name in :meth:`names` (TDC fields flat; JSON-able)."""
+        d = self.to_dict()
+        del d["format"]
+        d.update(d.pop("tdc"))
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> GQConfig:
+        return cls.from_dict(json.loads(text))
+
+    def to_tensor(self) -> torch.Tensor:
+        """:meth:`to_json` as UTF-8 bytes in a uint8 tensor (the ``gq_config`` state-dict entry)."""
+        return torch.frombuffer(bytearray(self.to_json().encode()), dtype=torch.uint8).clone()
+
+    def replace(self, **flat) -> GQConfig:
+        """A copy with some settings changed (flat names, validated)."""
+        return GQConfig.from_dict({**self.to_dict(), **flat})
+
+
+def read_config_tensor(t: torch.Tensor) -> dict:
+    """A checkpoint's ``gq_config`` entry as a dict: :meth:`GQConfig.to_dict` for uint8 JSON, or
+    the representation fields of the int64 buffer written by gq-plugin <= 0.1 (``[K, m, grouping,
+    kind, seed, dim]`` plus ``beta`` bit-cast into int64 since it was stored)."""
+    if t.dtype == torch.uint8:
+        try:
+            out = json.loads(bytes(t.reshape(-1).tolist()).decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"gq_config: not a GQ settings JSON ({e})") from None
+        if not isinstance(out, dict):
+            raise ValueError(f"gq_config: expected a JSON object, got {type(out).__name__}")
+        return out
+    if t.dtype != torch.int64 or t.ndim != 1 or t.numel() not in (6, 7):
+        raise ValueError(f"GQ checkpoint buffer gq_config is damaged: expected uint8 JSON or 6 or 7 int64 values, "
+                         f"got {t.dtype} of shape {tuple(t.shape)}")
+    v = [int(x) for x in t.tolist()]
+    out = {"codebook_size": v[0], "codebook_dim": v[1],
+           "grouping": cbm.GROUPINGS[v[2]] if 0 <= v[2] < len(cbm.GROUPINGS) else v[2],
+           "codebook": cbm.CODEBOOK_KINDS[v[3]] if 0 <= v[3] < len(cbm.CODEBOOK_KINDS) else v[3],
+           "seed": v[4], "dim": v[5]}
+    if len(v) == 7:
+        out["beta"] = struct.unpack("<d", struct.pack("<q", v[6]))[0]
     return out
+
+
+def unpack_posterior(x, logvar):
+    """``(x, logvar)`` from ``q(moments)``, ``q(mean, logvar)`` or ``q((mean, logvar))``; x must be a tensor."""
+    if logvar is None and isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"x as a sequence must be (mean, logvar), got {len(x)} items")
+        x, logvar = x
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a tensor, got {type(x).__name__}")
+    return x, logvar
 
 
 @dataclass
@@ -82,7 +230,7 @@ class CodebookUsage:
 
 def codebook_usage(indices: torch.Tensor, codebook_size: int) -> CodebookUsage:
     """Usage fraction, entropy (bits) and perplexity of ``indices`` over a codebook of size K."""
-    idx = indices.detach().reshape(-1).long()
+    idx = cbm.as_index_tensor(indices).detach().reshape(-1)
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= codebook_size):
         raise ValueError(f"indices must lie in [0, {codebook_size}), got range [{int(idx.min())}, {int(idx.max())}]")
     counts = torch.bincount(idx.cpu(), minlength=codebook_size)
@@ -108,11 +256,11 @@ class GaussianQuantizer(nn.Module):
         seed: codebook seed (42 = the reference).
         beta: prior weight in the score ``log N(c; mu, s^2) - beta log N(c; 0, I)``; 1 = the
             paper's default, 0 = sigma-weighted nearest neighbour.
-        accept_image_fmap / channel_last: input layout (see module docstring).
-        tolerance, lam_factor, lam_*_range: TDC settings (:class:`TargetDivergenceConstraint`);
+        accept_image_fmap / channel_last: input layout (see module docstring); the host sets
+            these, they are not settings.
+        logvar_range: the log-variance clamp applied before the rates, the sample and the search.
+        tolerance, lam_factor, lam_max_range, ...: TDC settings (:class:`~gq_plugin.tdc.TDCSettings`);
             ``lam_factor`` is ``1 + eps``.
-        tdc_rule, tdc_quantile: the TDC rule (``"band"``, the default, or ``"reference"``, the
-            authors' rule) and the band rule's quantile (see :mod:`gq_plugin.tdc`).
         tdc_auto_step: update the TDC multipliers inside every training forward with grads
             enabled. Set False and call :meth:`tdc_step` after each autoencoder optimizer
             step when you control the loop (so discriminator passes never move them).
@@ -120,107 +268,69 @@ class GaussianQuantizer(nn.Module):
             search per step). Otherwise training returns ``indices=None``.
         search_backend: force ``"torch"``, ``"cpp"`` or ``"cuda"`` (default: fastest available;
             ``GQ_SEARCH_BACKEND`` also works).
-        check_finite: raise ``ValueError`` on NaN/inf mean or logvar (one host sync per call).
+        check_finite: in training (and :meth:`rates`), raise ``ValueError`` on NaN/inf mean or
+            logvar and on a non-finite TDC loss (one host sync per call). The search (eval,
+            :meth:`quantize`) always validates its input, whatever this flag says.
+        tile_n / tile_k: search tile sizes.
+        settings: a ready :class:`GQConfig` (then ``dim``/``codebook_size``/``codebook_dim`` must
+            match it or be None, and keywords override it).
+
+    Names, defaults and validation of all settings live in :class:`GQConfig` (the keywords
+    above are its fields); :attr:`settings` returns the current ones.
     """
 
     def __init__(
         self,
-        dim: int,
-        codebook_size: int,
+        dim: int | None = None,
+        codebook_size: int | None = None,
         codebook_dim: int | None = None,
         *,
-        grouping: str = "contiguous",
-        codebook: str = "sobol",
-        seed: int = 42,
-        beta: float = 1.0,
         accept_image_fmap: bool = False,
         channel_last: bool = True,
-        tolerance: float = 0.5,
-        lam_factor: float = 1.01,
-        lam_max_range: tuple[float, float] | None = None,
-        lam_min_range: tuple[float, float] | None = None,
-        lam_global_range: tuple[float, float] = (1e-3, 1e3),
-        tdc_rule: str = "band",
-        tdc_quantile: float = 0.99,
-        tdc_auto_step: bool = True,
-        sync_distributed: bool = True,
-        logvar_range: tuple[float, float] = LOGVAR_RANGE,
-        search_in_train: bool = False,
-        search_backend: str | None = None,
-        check_finite: bool = True,
-        tile_n: int = DEFAULT_TILE_N,
-        tile_k: int = DEFAULT_TILE_K,
+        settings: GQConfig | None = None,
+        **kwargs,
     ) -> None:
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
-        codebook_dim = dim if codebook_dim is None else codebook_dim
-        cbm.check_codebook_args(codebook_size, codebook_dim, codebook)
-        self.num_codebooks = cbm.check_grouping(dim, codebook_dim, grouping)
-        if not math.isfinite(beta):
-            raise ValueError(f"beta must be finite, got {beta}")
-        if not lam_factor > 1.0:
-            raise ValueError(f"lam_factor must be > 1, got {lam_factor}")
-        if not logvar_range[0] < logvar_range[1]:
-            raise ValueError(f"logvar_range must be (low, high) with low < high, got {logvar_range}")
-        self.dim = dim
-        self.codebook_size = codebook_size
-        self.codebook_dim = codebook_dim
-        self.grouping = grouping
-        self.codebook_kind = codebook
-        self.seed = int(seed)
-        self.beta = float(beta)
+        given = {k: v for k, v in (("dim", dim), ("codebook_size", codebook_size), ("codebook_dim", codebook_dim)) if v is not None}
+        if settings is not None:
+            clash = {k: (v, getattr(settings, k)) for k, v in given.items() if v != getattr(settings, k)}
+            if clash:
+                raise ValueError(f"arguments disagree with settings: {clash}")
+            cfg = settings.replace(**kwargs) if kwargs else settings
+        else:
+            cfg = GQConfig.from_dict({**given, **kwargs})
+        self.dim, self.codebook_size, self.codebook_dim = cfg.dim, cfg.codebook_size, cfg.codebook_dim
+        self.num_codebooks = cfg.num_codebooks
+        self.grouping, self.codebook_kind, self.seed, self.beta = cfg.grouping, cfg.codebook, cfg.seed, cfg.beta
         self.accept_image_fmap = accept_image_fmap
         self.channel_last = channel_last
-        self.logvar_range = (float(logvar_range[0]), float(logvar_range[1]))
-        self.search_in_train = search_in_train
-        self.search_backend = search_backend
-        self.check_finite = check_finite
-        self.tile_n, self.tile_k = int(tile_n), int(tile_k)
+        self.logvar_range = cfg.logvar_range
+        self.search_in_train = cfg.search_in_train
+        self.search_backend = cfg.search_backend
+        self.check_finite = cfg.check_finite
+        self.tile_n, self.tile_k = cfg.tile_n, cfg.tile_k
 
-        cb = cbm.make_codebook(codebook_size, codebook_dim, self.seed, codebook)
+        cb = cbm.make_codebook(cfg.codebook_size, cfg.codebook_dim, cfg.seed, cfg.codebook)
         self.register_buffer("_codebook", cb, persistent=False)
         self.register_buffer("_codebook_features", codebook_features(cb), persistent=False)
         self.fingerprint = cbm.codebook_fingerprint(cb)
         self.register_buffer("codebook_fingerprint", cbm.fingerprint_to_tensor(self.fingerprint))
-        self.register_buffer("gq_config", self._config_tensor())
-        self.tdc = TargetDivergenceConstraint(
-            target_bits=math.log2(codebook_size),
-            tolerance=tolerance,
-            eps=lam_factor - 1.0,
-            lam_max_range=lam_max_range,
-            lam_min_range=lam_min_range,
-            lam_global_range=lam_global_range,
-            rule=tdc_rule,
-            quantile=tdc_quantile,
-            auto_step=tdc_auto_step,
-            sync_distributed=sync_distributed,
+        self.tdc = TargetDivergenceConstraint(math.log2(cfg.codebook_size), settings=cfg.tdc,
+                                              auto_step=cfg.tdc_auto_step, sync_distributed=cfg.sync_distributed)
+        self.register_buffer("gq_config", cfg.to_tensor())
+
+    # ------------------------------------------------------------------ settings / state
+
+    @property
+    def settings(self) -> GQConfig:
+        """The current settings (attributes changed after construction included)."""
+        return GQConfig(
+            dim=self.dim, codebook_size=self.codebook_size, codebook_dim=self.codebook_dim, grouping=self.grouping,
+            codebook=self.codebook_kind, seed=self.seed, beta=self.beta, logvar_range=self.logvar_range,
+            tdc=self.tdc.settings, tdc_auto_step=self.tdc.auto_step, sync_distributed=self.tdc.sync_distributed,
+            search_in_train=self.search_in_train, search_backend=self.search_backend, check_finite=self.check_finite,
+            tile_n=self.tile_n, tile_k=self.tile_k,
         )
-
-    # ------------------------------------------------------------------ config / state
-
-    def _config_tensor(self) -> torch.Tensor:
-        return torch.tensor(
-            [self.codebook_size, self.codebook_dim, _GROUPING_CODES[self.grouping], _KIND_CODES[self.codebook_kind], self.seed, self.dim,
-             beta_to_int(self.beta)],
-            dtype=torch.int64,
-        )
-
-    def config(self) -> dict:
-        """Constructor arguments that define the discrete representation (for save/load)."""
-        return {
-            "dim": self.dim,
-            "codebook_size": self.codebook_size,
-            "codebook_dim": self.codebook_dim,
-            "grouping": self.grouping,
-            "codebook": self.codebook_kind,
-            "seed": self.seed,
-            "beta": self.beta,
-            "tolerance": self.tdc.tolerance,
-            "lam_factor": 1.0 + self.tdc.eps,
-            "tdc_rule": self.tdc.rule,
-            "tdc_quantile": self.tdc.quantile,
-        }
 
     def extra_repr(self) -> str:
         return (
@@ -229,23 +339,27 @@ class GaussianQuantizer(nn.Module):
             f"seed={self.seed}, beta={self.beta}, fingerprint={self.fingerprint}"
         )
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # the current settings (attributes changed since construction included), never a stale buffer
+        destination[prefix + "gq_config"] = self.settings.to_tensor().to(self.gq_config.device)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         cfg = state_dict.get(prefix + "gq_config")
         if cfg is not None:
-            theirs = decode_config(cfg.reshape(-1).tolist())
-            mine = decode_config(self._config_tensor().tolist())
-            keys = list(theirs)  # a 6-field buffer (no beta) is checked on the fields it has
-            diffs = [
-                f"{name}: checkpoint {theirs[k]!r} vs model {mine[k]!r}"
-                for name, k in zip(CONFIG_FIELDS, keys)
-                if theirs[k] != mine[k]
-            ]
+            theirs = read_config_tensor(cfg)  # also the int64 buffer of older checkpoints
+            mine = self.settings.to_dict()
+            diffs = [f"{label}: checkpoint {theirs[k]!r} vs model {mine[k]!r}"
+                     for k, label in REPRESENTATION.items() if k in theirs and theirs[k] != mine[k]]
             if diffs:
                 raise ValueError("GQ checkpoint does not match this quantizer: " + "; ".join(diffs))
-            if "beta" not in theirs:  # upgrade a 6-field buffer in place
-                state_dict[prefix + "gq_config"] = self._config_tensor()
+            # the settings are this model's (TDC/runtime settings may differ); keep its entry
+            state_dict[prefix + "gq_config"] = self.gq_config.clone()  # (the buffer's shape: a no-op copy)
         fp = state_dict.get(prefix + "codebook_fingerprint")
         if fp is not None:
+            if not torch.is_tensor(fp) or fp.dtype != torch.int64 or fp.numel() != 1:
+                got = f"{fp.dtype} of shape {tuple(fp.shape)}" if torch.is_tensor(fp) else type(fp).__name__
+                raise ValueError(f"GQ checkpoint buffer {prefix}codebook_fingerprint is damaged: expected one int64, got {got}")
             theirs = cbm.tensor_to_fingerprint(fp)
             if theirs != self.fingerprint:
                 raise ValueError(
@@ -294,12 +408,7 @@ class GaussianQuantizer(nn.Module):
         return 2 if self.channel_last else 1
 
     def _split(self, x, logvar) -> tuple[torch.Tensor, torch.Tensor, int]:
-        if logvar is None and isinstance(x, (tuple, list)):
-            if len(x) != 2:
-                raise ValueError(f"x as a sequence must be (mean, logvar), got {len(x)} items")
-            x, logvar = x
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"x must be a tensor, got {type(x).__name__}")
+        x, logvar = unpack_posterior(x, logvar)
         axis = self._channel_axis(x.ndim, "x")
         if logvar is None:
             if x.shape[axis] != 2 * self.dim:
@@ -317,11 +426,26 @@ class GaussianQuantizer(nn.Module):
                 )
             if mean.shape[axis] != self.dim:
                 raise ValueError(f"mean must have dim={self.dim} channels on axis {axis}, got {mean.shape[axis]} (shape {tuple(mean.shape)})")
-        if self.check_finite:
-            for name, t in (("mean", mean), ("logvar", logvar)):
-                if not torch.isfinite(t).all():
-                    raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+        for name, t in (("mean", mean), ("logvar", logvar)):
+            if not t.dtype.is_floating_point:  # a bool "posterior" would be all ones, an int one truncated
+                raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
         return mean, logvar, axis
+
+    def _check_finite(self, mean: torch.Tensor, logvar: torch.Tensor, loss: torch.Tensor | None = None) -> None:
+        """One host sync: NaN/inf in mean / logvar (and a non-finite TDC loss) raise ValueError."""
+        flags = [torch.isfinite(mean).all(), torch.isfinite(logvar).all()]
+        if loss is not None:
+            flags.append(torch.isfinite(loss).all())
+        ok = torch.stack(flags).tolist()
+        if not ok[0]:
+            raise ValueError("mean contains non-finite values (NaN or inf)")
+        if not ok[1]:
+            raise ValueError("logvar contains non-finite values (NaN or inf)")
+        if loss is not None and not ok[2]:
+            raise ValueError(
+                f"TDC loss is not finite ({float(loss.reshape(-1)[~torch.isfinite(loss.reshape(-1))][0])}): the rates overflow float32, |mean| reaches "
+                f"{float(mean.detach().abs().max()):.3g}; the encoder has diverged (lower the learning rate or resume from a checkpoint)"
+            )
 
     def _to_groups(self, t: torch.Tensor, axis: int) -> torch.Tensor:
         """(layout) -> (B, *spatial, G, m), float32."""
@@ -335,6 +459,8 @@ class GaussianQuantizer(nn.Module):
     def rates(self, x, logvar: torch.Tensor | None = None) -> torch.Tensor:
         """Group rates in bits, shaped like the indices: (B, H, W, G) / (B, N, G) / (B, G)."""
         mean, logvar, axis = self._split(x, logvar)
+        if self.check_finite:
+            self._check_finite(mean, logvar)
         # clamp like forward() and the search do, so rates() matches the TDC loss of forward()
         lv = logvar.float().clamp(*self.logvar_range)
         return group_rates(mean.float().movedim(axis, -1), lv.movedim(axis, -1), self.codebook_dim, self.grouping)
@@ -347,9 +473,9 @@ class GaussianQuantizer(nn.Module):
 
     def _quantize(self, mean: torch.Tensor, logvar: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
         mu_g = self._to_groups(mean, axis)
-        lv_g = self._to_groups(logvar, axis).clamp(*self.logvar_range)
+        lv_g = self._to_groups(logvar, axis)
         lead = mu_g.shape[:-1]  # (B, *spatial, G)
-        with torch.no_grad():
+        with torch.no_grad():  # gq_search validates (NaN/inf raise, one sync) and clamps logvar
             idx = gq_search(
                 mu_g.reshape(-1, self.codebook_dim),
                 lv_g.reshape(-1, self.codebook_dim),
@@ -359,6 +485,7 @@ class GaussianQuantizer(nn.Module):
                 features=self._codebook_features,
                 tile_n=self.tile_n,
                 tile_k=self.tile_k,
+                logvar_range=self.logvar_range,
             ).reshape(lead)
         z = cbm.ungroup_channels(self._codebook[idx], self.grouping)
         z_hat = self._from_channel_last(z, axis).to(mean.dtype)
@@ -375,10 +502,7 @@ class GaussianQuantizer(nn.Module):
         return self._codebook[idx]
 
     def _check_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        if not isinstance(indices, torch.Tensor):
-            raise ValueError(f"indices must be a tensor, got {type(indices).__name__}")
-        if indices.dtype.is_floating_point or indices.dtype == torch.bool or indices.is_complex():
-            raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
+        indices = cbm.as_index_tensor(indices)  # int64; uint16/32/64 accepted, floats/bools refused
         if self.accept_image_fmap:
             if indices.ndim != 4 or indices.shape[-1] != self.num_codebooks:
                 raise ValueError(f"indices must be (B, H, W, {self.num_codebooks}), got {tuple(indices.shape)}")
@@ -430,10 +554,12 @@ class GaussianQuantizer(nn.Module):
             return z_hat, idx, torch.zeros((), device=mean.device)
         mean32 = mean.float()
         lv32 = logvar.float().clamp(*self.logvar_range)
-        std = torch.exp(0.5 * lv32)
-        noise = torch.randn(mean32.shape, generator=generator, device=mean32.device, dtype=mean32.dtype)
-        sample = (mean32 + std * noise).to(mean.dtype)
+        sample = reparameterize(mean32, lv32, generator).to(mean.dtype)
         rates = group_rates(mean32.movedim(axis, -1), lv32.movedim(axis, -1), self.codebook_dim, self.grouping)
+        if rates.numel() == 0:
+            raise ValueError(f"x has no tokens to quantize (shape {tuple(x.shape) if isinstance(x, torch.Tensor) else tuple(mean.shape)})")
+        if self.check_finite:  # before the TDC records this batch's statistics
+            self._check_finite(mean, logvar, self.tdc.per_sample_loss(rates.float()))
         loss = self.tdc(rates)
         idx = None
         if self.search_in_train:

@@ -22,6 +22,19 @@ from .codebook import check_grouping, divisors, group_channels
 
 LN2 = math.log(2.0)
 LOGVAR_RANGE = (-30.0, 20.0)
+#: Half-width (bits) of the TDC band around log2 K; the default of TDCSettings.tolerance and of the
+#: band statistics here (one literal: the TDC settings import it).
+DEFAULT_TOLERANCE = 0.5
+
+
+def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The reparameterised sample ``mean + exp(logvar / 2) * eps``, ``eps ~ N(0, I)`` (differentiable
+    in ``mean`` and ``logvar``; ``generator`` makes ``eps`` reproducible). Computed in float32 or
+    wider, returned in ``mean``'s dtype."""
+    dtype = torch.promote_types(mean.dtype, torch.float32)
+    m, lv = mean.to(dtype), logvar.to(dtype)
+    eps = torch.randn(m.shape, generator=generator, device=m.device, dtype=dtype)
+    return (m + torch.exp(0.5 * lv) * eps).to(mean.dtype)
 
 
 def kl_bits_per_channel(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -59,6 +72,13 @@ def bits_per_pixel(num_codebooks: int, codebook_size: int, pixels_per_token: int
     if pixels_per_token <= 0:
         raise ValueError(f"pixels_per_token must be positive, got {pixels_per_token}")
     return bits_per_token(num_codebooks, codebook_size) / pixels_per_token
+
+
+def real_bpp(num_bytes: int, num_pixels: int) -> float:
+    """Actual bits per pixel of a stored / compressed stream: ``8 * num_bytes / num_pixels``."""
+    if num_pixels <= 0:
+        raise ValueError(f"num_pixels must be positive, got {num_pixels}")
+    return 8.0 * num_bytes / num_pixels
 
 
 @dataclass
@@ -180,7 +200,7 @@ class BandStats:
 
 
 def band_statistics(
-    rates: torch.Tensor, target_bits: float, tolerance: float = 0.5, quantiles: tuple[float, ...] = BAND_QUANTILES
+    rates: torch.Tensor, target_bits: float, tolerance: float = DEFAULT_TOLERANCE, quantiles: tuple[float, ...] = BAND_QUANTILES
 ) -> BandStats:
     """Shares of ``rates`` (any shape, bits) in band / over budget (``> T + alpha``) / under budget
     (``< T - alpha``), the mean excess over the band, and quantiles.
@@ -213,21 +233,89 @@ def band_statistics(
 # --------------------------------------------------------------------------- recommendation
 
 
+#: The paper's operating range: 0.5 to 4 bits per channel, K <= 2**18 (search cost grows with K * m).
+BITS_PER_CHANNEL_RANGE = (0.5, 4.0)
+MAX_RECOMMENDED_LOG2_K = 18
+
+
 @dataclass
 class CodebookOption:
-    """One candidate ``(K, m)`` for a model, with its predicted cost."""
+    """One candidate ``(K, m)`` for a model: what it costs and, when measured by
+    :func:`recommend_codebook`, what it predicts (the measured fields are NaN otherwise)."""
 
     codebook_dim: int
     log2_codebook_size: int
     num_codebooks: int
     bits_per_token: float
-    mean_group_rate: float
-    frac_over_budget: float  # share of groups with R_g > log2 K + tolerance
-    mean_excess_bits: float  # E[max(R_g - log2 K, 0)]: information GQ must throw away
+    mean_group_rate: float = math.nan
+    frac_over_budget: float = math.nan  # share of groups with R_g > log2 K + tolerance
+    mean_excess_bits: float = math.nan  # E[max(R_g - log2 K, 0)]: information GQ must throw away
+    pixels_per_token: int | None = None
+    tokens_per_image: int | None = None
 
     @property
     def codebook_size(self) -> int:
         return 2**self.log2_codebook_size
+
+    @property
+    def bits_per_channel(self) -> float:
+        return self.log2_codebook_size / self.codebook_dim
+
+    @property
+    def bpp(self) -> float | None:
+        return None if self.pixels_per_token is None else self.bits_per_token / self.pixels_per_token
+
+    @property
+    def bits_per_image(self) -> float | None:
+        return None if self.tokens_per_image is None else self.bits_per_token * self.tokens_per_image
+
+    @property
+    def recommended(self) -> bool:
+        """Inside the paper's operating range (:data:`BITS_PER_CHANNEL_RANGE`, ``K <= 2**18``)."""
+        lo, hi = BITS_PER_CHANNEL_RANGE
+        return lo <= self.bits_per_channel <= hi and self.log2_codebook_size <= MAX_RECOMMENDED_LOG2_K
+
+    @property
+    def note(self) -> str:
+        if self.bits_per_channel > BITS_PER_CHANNEL_RANGE[1]:
+            return "many bits per channel: a larger m is usually better at this rate"
+        if self.bits_per_channel < BITS_PER_CHANNEL_RANGE[0]:
+            return "under 0.5 bit per channel: expect a large TDC fine-tune / quality loss"
+        return ""
+
+
+def _g(v) -> str:
+    return "n/a" if v is None else f"{v:g}"
+
+
+class CodebookOptions(list):
+    """A list of :class:`CodebookOption` with a Markdown :meth:`table`."""
+
+    def table(self, only_recommended: bool = False) -> str:
+        rows = ["| m | K | codebooks/token | bits/token | bits/channel | bpp | bits/image | recommended | note |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for o in self:
+            if only_recommended and not o.recommended:
+                continue
+            rows.append(f"| {o.codebook_dim} | 2^{o.log2_codebook_size} | {o.num_codebooks} | {o.bits_per_token:g} | "
+                        f"{o.bits_per_channel:g} | {_g(o.bpp)} | {_g(o.bits_per_image)} | "
+                        f"{'yes' if o.recommended else 'no'} | {o.note} |")
+        return "\n".join(rows)
+
+
+def codebook_options(channels: int, log2_codebook_sizes=(8, 10, 12, 14, 16, 18), pixels_per_token: int | None = None,
+                     tokens_per_image: int | None = None) -> CodebookOptions:
+    """Every ``(K = 2**k, m)`` for ``m`` dividing ``channels`` and ``k`` in ``log2_codebook_sizes``,
+    with its rates (bits per token / channel, and bpp / bits per image when ``pixels_per_token`` /
+    ``tokens_per_image`` are given), sorted by bpp then larger ``m`` (at equal bits the paper's
+    ablation favours larger ``m``). A static table; :func:`recommend_codebook` chooses from measured rates."""
+    out = CodebookOptions(
+        CodebookOption(m, int(k), channels // m, channels // m * int(k), pixels_per_token=pixels_per_token,
+                       tokens_per_image=tokens_per_image)
+        for m in divisors(channels) for k in log2_codebook_sizes
+    )
+    out.sort(key=lambda o: (o.bits_per_token, -o.codebook_dim))
+    return out
 
 
 @dataclass
@@ -260,7 +348,7 @@ def recommend_codebook(
     grouping: str = "contiguous",
     max_log2_codebook_size: int = 18,
     min_log2_codebook_size: int = 1,
-    tolerance: float = 0.5,
+    tolerance: float = DEFAULT_TOLERANCE,
     codebook_dims: list[int] | None = None,
 ) -> CodebookRecommendation:
     """Recommend ``(K, m)`` for a model from its per-channel rates.
@@ -309,10 +397,17 @@ def recommend_codebook(
             )
         )
     chosen = min(options, key=lambda o: (round(o.mean_excess_bits, 1), -o.codebook_dim, o.bits_per_token))
+    larger = [o for o in options if o.codebook_dim > chosen.codebook_dim]
+    if not larger:
+        why = "and has the largest m"
+    else:  # chosen over a larger m only because every larger m throws away more bits
+        nxt = min(larger, key=lambda o: o.codebook_dim)
+        why = (f", the fewest of the options; larger m lose more (m={nxt.codebook_dim}, K=2^{nxt.log2_codebook_size}: "
+               f"{nxt.mean_excess_bits:.3f} bits/token)")
     reasoning = (
         f"mean channel rate {float(rates.mean()):.3f} bits; chose m={chosen.codebook_dim}, "
         f"K=2^{chosen.log2_codebook_size} ({chosen.bits_per_token:.0f} bits/token) because it loses "
-        f"{chosen.mean_excess_bits:.3f} expected bits/token with the largest m; "
+        f"{chosen.mean_excess_bits:.3f} expected bits/token {why}; "
         f"{100 * chosen.frac_over_budget:.1f}% of groups exceed log2 K + {tolerance} "
         + ("(convert directly)." if chosen.frac_over_budget < 0.05 else "(fine-tune with TDC before converting).")
     )

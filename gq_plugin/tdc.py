@@ -57,17 +57,105 @@ band statistics).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+import warnings
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .rate import RateStats, band_masks, rate_statistics
+from .rate import DEFAULT_TOLERANCE, RateStats, band_masks, rate_statistics
 
 RULES = ("band", "reference")
 # default multiplier clamps per rule (lam_max_range, lam_min_range); lam_global_range is shared
 _DEFAULT_RANGES = {"reference": ((1.0, 1000.0), (1e-3, 1.0)), "band": ((1e-2, 1e4), (1e-3, 1.0))}
+
+
+def _pair(name: str, value) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a (low, high) pair of numbers, got {value!r}") from None
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class TDCSettings:
+    """The TDC settings: the single source of their names, defaults and validation.
+
+    Args:
+        tolerance: ``alpha``, half-width of the band around ``log2 K``, in bits.
+        lam_factor: ``1 + eps``; the multipliers move by this factor per :meth:`~TargetDivergenceConstraint.step`.
+        lam_max_range / lam_min_range / lam_global_range: clamps of the multipliers (None: the
+            rule's default, [1, 1000] / [1e-3, 1] for "reference", [1e-2, 1e4] / [1e-3, 1] for "band").
+        tdc_rule: ``"band"`` (default) or ``"reference"`` (the authors' rule); see the module docstring.
+        tdc_quantile: band rule: ``lam_max`` grows while more than ``1 - tdc_quantile`` of the rates
+            are over budget (it steers that quantile to ``T + alpha``; ``lam_min`` likewise below).
+
+    Serialise with :meth:`as_dict` (JSON-able); rebuild with :meth:`from_dict`, which names an
+    unknown key or a bad value in a ``ValueError``. To add a setting, add a field here (with its
+    default and its check in ``__post_init__``); every serialisation, recipe validation and
+    quantizer keyword follows.
+    """
+
+    tolerance: float = DEFAULT_TOLERANCE
+    lam_factor: float = 1.01
+    lam_max_range: tuple[float, float] | None = None
+    lam_min_range: tuple[float, float] | None = None
+    lam_global_range: tuple[float, float] = (1e-3, 1e3)
+    tdc_rule: str = "band"
+    tdc_quantile: float = 0.99
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise in place once
+        if self.tdc_rule not in RULES:
+            raise ValueError(f"tdc_rule must be one of {RULES}, got {self.tdc_rule!r}")
+        q = self.tdc_quantile
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.5 <= q < 1.0:
+            raise ValueError(f"tdc_quantile must be in [0.5, 1), got {q!r}")
+        set_(self, "tdc_quantile", float(q))
+        default_max, default_min = _DEFAULT_RANGES[self.tdc_rule]  # None: the rule's default clamps
+        if self.lam_max_range is None:
+            set_(self, "lam_max_range", default_max)
+        if self.lam_min_range is None:
+            set_(self, "lam_min_range", default_min)
+        for name in ("tolerance", "lam_factor"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{name} must be a number, got {v!r}")
+            set_(self, name, float(v))
+        if not self.tolerance >= 0 or not math.isfinite(self.tolerance):
+            raise ValueError(f"tolerance must be finite and >= 0, got {self.tolerance}")
+        if not self.lam_factor > 1.0 or not math.isfinite(self.lam_factor):
+            raise ValueError(f"lam_factor must be finite and > 1 (eps = lam_factor - 1 > 0), got {self.lam_factor}")
+        for name in ("lam_max_range", "lam_min_range", "lam_global_range"):
+            lo, hi = _pair(name, getattr(self, name))
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")
+            set_(self, name, (lo, hi))
+
+    @property
+    def eps(self) -> float:
+        """The multiplicative step ``lam_factor - 1``."""
+        return self.lam_factor - 1.0
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def as_dict(self) -> dict:
+        """JSON-able dict (pairs as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TDCSettings:
+        """Settings from a dict of field names (``ValueError`` naming any unknown key)."""
+        unknown = sorted(set(d) - set(cls.names()))
+        if unknown:
+            raise ValueError(f"unknown TDC setting(s) {unknown}; valid: {list(cls.names())}")
+        return cls(**d)
 
 
 class TargetDivergenceConstraint(nn.Module):
@@ -75,72 +163,83 @@ class TargetDivergenceConstraint(nn.Module):
 
     Args:
         target_bits: ``T``, normally ``log2(codebook_size)``.
-        tolerance: ``alpha``, half-width of the band in bits.
-        eps: multiplicative step; multipliers move by ``(1 + eps)`` per :meth:`step`.
-        rule: ``"band"`` (default: decoupled mean / band controllers, the band controller
-            driven by the share of rates over budget) or ``"reference"`` (the authors' rule,
-            bit for bit); see the module docstring.
-        quantile: ``"band"`` rule only: ``lam_max`` grows while more than ``1 - quantile`` of
-            the rates are over budget, i.e. it steers the ``quantile``-th quantile of the rates
-            to ``T + alpha`` (and ``lam_min`` the ``1 - quantile``-th to ``T - alpha``).
-        lam_max_range / lam_min_range / lam_global_range: clamps of the multipliers (None:
-            the rule's default, ``[1, 1000]`` / ``[1e-3, 1]`` for ``"reference"``, ``[1e-2, 1e4]``
-            / ``[1e-3, 1]`` for ``"band"``; ``lam_global_range`` ``[1e-3, 1e3]``).
+        tolerance, eps, and the :class:`TDCSettings` fields as keywords (``lam_max_range``, ...):
+            override ``settings`` (default :class:`TDCSettings()`); ``eps`` is ``lam_factor - 1``.
+        settings: a :class:`TDCSettings`.
         auto_step: if True, every forward with gradients enabled in training mode also calls
             :meth:`step` (convenient for loops you cannot edit, e.g. a diffusers training
             script). If False (recommended in your own loop), call :meth:`step` once after
             each autoencoder optimizer step.
         sync_distributed: all-reduce the batch statistics when ``torch.distributed`` is
-            initialised (sums and counts by SUM, min by MIN, max by MAX).
+            initialised (mean by sum/count, min by MIN, max by MAX).
+        clamp_patience: warn once (``RuntimeWarning``) when ``lam_global`` has sat at an end of
+            ``lam_global_range`` for this many consecutive steps: the constraint is inactive or
+            overwhelmed (e.g. a host KL weight of 1e-6 scaling the TDC loss, or a loss that never
+            reaches the optimizer). Checked every ``clamp_patience`` steps (one host sync each);
+            0 disables it.
     """
 
     def __init__(
         self,
         target_bits: float,
-        tolerance: float = 0.5,
-        eps: float = 0.01,
-        lam_max_range: tuple[float, float] | None = None,
-        lam_min_range: tuple[float, float] | None = None,
-        lam_global_range: tuple[float, float] = (1e-3, 1e3),
+        tolerance: float | None = None,
+        eps: float | None = None,
+        *,
+        settings: TDCSettings | None = None,
         auto_step: bool = True,
         sync_distributed: bool = True,
-        rule: str = "band",
-        quantile: float = 0.99,
+        clamp_patience: int = 200,
+        rule: str | None = None,
+        quantile: float | None = None,
+        **fields,
     ) -> None:
         super().__init__()
+        if rule is not None:
+            fields["tdc_rule"] = rule
+        if quantile is not None:
+            fields["tdc_quantile"] = quantile
         if not math.isfinite(target_bits) or target_bits <= 0:
             raise ValueError(f"target_bits must be a positive finite number, got {target_bits}")
-        if not tolerance >= 0:
-            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        if rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-        if not 0.5 <= quantile < 1.0:
-            raise ValueError(f"quantile must be in [0.5, 1), got {quantile}")
-        default_max, default_min = _DEFAULT_RANGES[rule]
-        lam_max_range = default_max if lam_max_range is None else lam_max_range
-        lam_min_range = default_min if lam_min_range is None else lam_min_range
-        for name, (lo, hi) in (("lam_max_range", lam_max_range), ("lam_min_range", lam_min_range), ("lam_global_range", lam_global_range)):
-            if not 0 < lo <= hi:
-                raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")
+        if tolerance is not None:
+            fields["tolerance"] = tolerance
+        if eps is not None:
+            if not eps > 0:
+                raise ValueError(f"eps must be > 0, got {eps}")
+            fields["lam_factor"] = 1.0 + eps
+        base = settings if settings is not None else TDCSettings()
+        # the given fields override ``settings``; from_dict validates names and values
+        merged = {**base.as_dict(), **fields}
+        if "tdc_rule" in fields:  # ranges left at the old rule's defaults follow the new rule's defaults
+            for k, d in zip(("lam_max_range", "lam_min_range"), _DEFAULT_RANGES[base.tdc_rule]):
+                if k not in fields and tuple(merged[k]) == d:
+                    merged[k] = None
+        self.settings = TDCSettings.from_dict(merged) if fields else base
         self.target_bits = float(target_bits)
-        self.tolerance = float(tolerance)
-        self.eps = float(eps)
-        self.rule = rule
-        self.quantile = float(quantile)
-        self.lam_max_range = tuple(map(float, lam_max_range))
-        self.lam_min_range = tuple(map(float, lam_min_range))
-        self.lam_global_range = tuple(map(float, lam_global_range))
         self.auto_step = auto_step
         self.sync_distributed = sync_distributed
         self.register_buffer("lam_global", torch.ones(()))
         self.register_buffer("lam_max", torch.ones(()))
         self.register_buffer("lam_min", torch.ones(()))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+        if isinstance(clamp_patience, bool) or not isinstance(clamp_patience, int) or clamp_patience < 0:
+            raise ValueError(f"clamp_patience must be an int >= 0, got {clamp_patience!r}")
+        self.clamp_patience = clamp_patience
+        # consecutive steps with lam_global at a clamp (on-device; read every clamp_patience steps)
+        self.register_buffer("_steps_at_clamp", torch.zeros((), dtype=torch.long), persistent=False)
+        self._steps_since_check = 0
+        self._clamp_warned = False
         # Pending statistics since the last step(): [sum, count, min, max, n_over, n_under] (float64).
         self._pending: torch.Tensor | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
+
+    # the settings, read where the math needs them
+    tolerance = property(lambda self: self.settings.tolerance)
+    eps = property(lambda self: self.settings.eps)
+    lam_max_range = property(lambda self: self.settings.lam_max_range)
+    lam_min_range = property(lambda self: self.settings.lam_min_range)
+    lam_global_range = property(lambda self: self.settings.lam_global_range)
+    rule = property(lambda self: self.settings.tdc_rule)
+    quantile = property(lambda self: self.settings.tdc_quantile)
 
     def extra_repr(self) -> str:
         q = f", quantile={self.quantile}" if self.rule == "band" else ""
@@ -227,6 +326,21 @@ class TargetDivergenceConstraint(nn.Module):
             p = torch.cat([sums[:2], mins, maxs, sums[2:]]).to(dev)
         return p
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for name in ("lam_global", "lam_max", "lam_min"):
+            t = state_dict.get(prefix + name)
+            if t is None:
+                continue
+            if not torch.is_tensor(t) or t.numel() != 1 or not t.is_floating_point():
+                raise ValueError(f"TDC buffer {prefix}{name} must be one floating-point value, got {t!r}")
+            v = float(t)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"TDC multiplier {prefix}{name} = {v} in the checkpoint: multipliers must be finite and > 0; refusing to load")
+        t = state_dict.get(prefix + "num_steps")
+        if t is not None and (not torch.is_tensor(t) or t.numel() != 1 or t.is_floating_point() or int(t) < 0):
+            raise ValueError(f"TDC buffer {prefix}num_steps must be one integer >= 0, got {t!r}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
     @torch.no_grad()
     def step(self) -> bool:
         """Apply one multiplicative update from the statistics accumulated since the last call.
@@ -240,7 +354,7 @@ class TargetDivergenceConstraint(nn.Module):
         self._pending = None
         mean, rmin, rmax = p[0] / p[1], p[2], p[3]
         share_over, share_under = p[4] / p[1], p[5] / p[1]
-        up = 1.0 + self.eps
+        up = self.settings.lam_factor
         t, a = self.target_bits, self.tolerance
         dev = self.lam_global.device
         f_global = torch.where(mean > t, up, 1.0 / up).to(dev, torch.float32)
@@ -255,9 +369,36 @@ class TargetDivergenceConstraint(nn.Module):
         self.lam_max.mul_(f_max).clamp_(*self.lam_max_range)
         self.lam_min.mul_(f_min).clamp_(*self.lam_min_range)
         self.num_steps.add_(1)
+        self._watch_clamp()
         self.last_stats.update({"bits-mean-global": mean.float(), "bits-min-global": rmin.float(), "bits-max-global": rmax.float(),
                                 "band-over-global": share_over.float(), "band-under-global": share_under.float()})
         return True
+
+    def _watch_clamp(self) -> None:
+        if not self.clamp_patience or self._clamp_warned:
+            return
+        lo, hi = self.lam_global_range
+        at = (self.lam_global <= lo) | (self.lam_global >= hi)
+        self._steps_at_clamp.copy_(torch.where(at, self._steps_at_clamp + 1, torch.zeros_like(self._steps_at_clamp)))
+        self._steps_since_check += 1
+        if self._steps_since_check < self.clamp_patience:
+            return
+        self._steps_since_check = 0
+        run = int(self._steps_at_clamp)
+        if run >= self.clamp_patience:
+            self._clamp_warned = True
+            lam = float(self.lam_global)
+            side = "upper" if lam >= math.sqrt(lo * hi) else "lower"
+            why = ("the rates stay above the target however hard TDC pulls: its loss is too weak to act (a host KL "
+                   "weight such as ldm's kl_weight=1e-6 scaling it, or a loss that never reaches the optimizer)"
+                   if side == "upper" else "the rates stay below the target even at the weakest weight")
+            warnings.warn(
+                f"TDC multipliers have sat at their {side} clamp for {run} consecutive steps (lam={lam:g}, "
+                f"lam-max={float(self.lam_max):g}, lam-min={float(self.lam_min):g}, lam_global_range={self.lam_global_range}): "
+                f"{why}; the constraint is inactive or overwhelmed (target {self.target_bits:g} bits)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def multipliers(self) -> dict[str, float]:
         """Current multipliers as Python floats (forces a host sync; for logging)."""

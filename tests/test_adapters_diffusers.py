@@ -16,35 +16,20 @@ from gq_plugin.rate import group_rates  # noqa: E402
 SD3_FULL = dict(block_out_channels=[128, 256, 512, 512], latent_channels=16)
 
 
-def tiny_sd3():
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=32,
-        sample_size=32,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+def _tiny_kl(seed, latent_channels, **extra):
+    """A small AutoencoderKL with SD's four-block layout (random init, seeded)."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=latent_channels,
+                         norm_num_groups=32, sample_size=32, **extra)
 
 
-def tiny_sd15():
-    torch.manual_seed(1)
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-        scaling_factor=0.18215,
-    )
+def tiny_sd3():  # SD3: 16 channels, no quant_conv
+    return _tiny_kl(0, 16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def tiny_sd15():  # SD1.5: 4 channels, with quant_conv
+    return _tiny_kl(1, 4, scaling_factor=0.18215)
 
 
 def diffusers_example_step(vae, opt, x, kl_scale=1e-3):
@@ -214,3 +199,31 @@ def test_save_load_variant_and_sharded(tmp_path):
     for path, kw in ((tmp_path / "v", {"variant": "fp16"}), (tmp_path / "s", {})):
         loaded = adapters.load_pretrained_gq_vae(str(path), **kw)
         assert float(loaded.gq_quantizer.tdc.lam_global) == 3.5
+
+
+def test_checkpoint_of_the_previous_format_still_loads(tmp_path):
+    """A save_pretrained folder written by gq-plugin <= 0.1: flat config["gq"] (format 1, K/m keyed
+    as codebook_size/codebook_dim, no dim) and an int64 gq_config buffer with beta's bits."""
+    from safetensors.torch import load_file, save_file
+
+    vae = adapters.patch_sd3_vae(tiny_sd3(), K=2**8, m=8, seed=7, tolerance=0.25, tdc_auto_step=False)
+    vae.gq_quantizer.tdc.lam_global.fill_(3.0)
+    vae.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["gq"] = {"format": 1, "codebook_size": 256, "codebook_dim": 8, "grouping": "contiguous", "codebook": "sobol",
+                 "seed": 7, "beta": 1.0, "tolerance": 0.25, "lam_factor": 1.01, "tdc_auto_step": False}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state["gq_quantizer.gq_config"] = torch.tensor([256, 8, 0, 0, 7, 16, 4607182418800017408])  # beta 1.0 bits
+    save_file(state, weights)
+    loaded = adapters.load_pretrained_gq_vae(str(tmp_path))
+    q = loaded.gq_quantizer
+    assert (q.codebook_size, q.codebook_dim, q.seed, q.tdc.tolerance, q.tdc.auto_step) == (256, 8, 7, 0.25, False)
+    assert float(q.tdc.lam_global) == 3.0
+    assert q.settings == vae.gq_quantizer.settings
+    # a tampered old buffer is refused with the field named
+    state["gq_quantizer.gq_config"] = torch.tensor([256, 8, 1, 0, 7, 16, 4607182418800017408])
+    save_file(state, weights)
+    with pytest.raises(ValueError, match="grouping: checkpoint 'strided' vs model 'contiguous'"):
+        adapters.load_pretrained_gq_vae(str(tmp_path))

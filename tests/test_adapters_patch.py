@@ -37,7 +37,9 @@ def test_host_table_covers_every_adapter_module():
         assert (host.patch is None) == (host.unpatch is None)
     with pytest.raises(ValueError, match="host must be one of"):
         adapters.patch(LdmAutoencoderKL(), "nope")
-    with pytest.raises(ValueError, match="drop-in class GaussianQuantRegularizer"):
+    with pytest.raises(ValueError, match="drop-in class GaussianQuantize"):
+        adapters.patch(LdmAutoencoderKL(), "vq_pytorch")
+    with pytest.raises(ValueError, match="not an sgm AutoencodingEngine: missing 'regularization'"):
         adapters.patch(LdmAutoencoderKL(), "sgm")
 
 
@@ -48,7 +50,7 @@ def test_one_undo_record_per_patch(host):
     assert rec["host"] == host and adapters.is_patched(model)
     # no other GQ bookkeeping attributes on the instance
     assert [k for k in model.__dict__ if k.startswith("_gq")] == ["_gq_patch"]
-    with pytest.raises(ValueError, match=f"already patched with GQ|already patched with GaussianVectorQuantizer"):
+    with pytest.raises(ValueError, match="already patched with GQ|already patched with GaussianVectorQuantizer"):
         adapters.patch(model, host)
 
 

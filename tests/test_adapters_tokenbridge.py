@@ -68,13 +68,15 @@ def test_swap_like_for_like_m1():
 
 
 def test_swap_grouped_m4_and_given_quantizer():
+    from _tokenbridge_standin import TokenBridgeMini
+
     from gq_plugin import GaussianQuantizer
 
-    model = TokenBridgeStandin()
-    with pytest.warns(UserWarning, match="rebuild"):
-        adapters.swap_tokenbridge_quantizer(model, gq=GaussianQuantizer(16, 2**12, 4))
+    model = TokenBridgeMini()
+    adapters.swap_tokenbridge_quantizer(model, gq=GaussianQuantizer(16, 2**12, 4))  # the AR head is rebuilt: no warning
     x = torch.cat([torch.randn(2, 16, 16), torch.full((2, 16, 16), -2.0)], -1)
     idx, deq = model.quantize(x)
     assert idx.shape == (2, 16, 4) and deq.shape == (2, 16, 16)
     assert torch.equal(model.dequantize_tokens(idx), deq)
     assert math.isclose(model.gq_quantizer.bits_per_token, 48.0)
+    assert model.gq_ar_head.num_groups == 4 and model.gq_ar_head.codebook_size == 2**12

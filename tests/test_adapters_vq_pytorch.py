@@ -74,23 +74,30 @@ def test_channel_first_sequences():
 def test_multi_head_indices():
     dim, heads = 16, 4
     vq = VectorQuantize(dim=dim, codebook_size=64, heads=heads, codebook_dim=dim // heads, separate_codebook_per_head=True).eval()
-    gq = GaussianQuantize(dim=dim, codebook_size=64, heads=heads).eval()
+    gq = GaussianQuantize(dim=dim, codebook_size=64, heads=heads, codebook_dim=dim // heads).eval()
     q, idx, _ = _compare(vq, gq, torch.randn(2, 20, dim), torch.randn(2, 20, 2 * dim), False)
-    assert idx.shape == (2, 20, heads) and gq.codebook_dim == 4
+    assert idx.shape == (2, 20, heads) and gq.codebook_dim == 4 and not gq.has_projections
     assert torch.equal(gq.get_output_from_indices(idx), q)
     vqi = VectorQuantize(
         dim=dim, codebook_size=64, heads=heads, codebook_dim=4, separate_codebook_per_head=True, accept_image_fmap=True
     ).eval()
-    gqi = GaussianQuantize(dim=dim, codebook_size=64, heads=heads, accept_image_fmap=True).eval()
+    gqi = GaussianQuantize(dim=dim, codebook_size=64, heads=heads, codebook_dim=4, accept_image_fmap=True).eval()
     _, idx, _ = _compare(vqi, gqi, torch.randn(2, dim, 4, 4), torch.randn(2, 2 * dim, 4, 4), False)
     assert idx.shape == (2, 4, 4, heads)
-    with pytest.raises(ValueError, match="no projection"):
-        GaussianQuantize(dim=16, codebook_size=64, heads=4, codebook_dim=8)
+    # heads * codebook_dim != dim: a projection, as in VectorQuantize
+    vqp_ = VectorQuantize(dim=16, codebook_size=64, heads=4, codebook_dim=8).eval()
+    gqp = GaussianQuantize(dim=16, codebook_size=64, heads=4, codebook_dim=8).eval()
+    q, idx, _ = _compare(vqp_, gqp, torch.randn(2, 20, 16), torch.randn(2, 20, 32), False)
+    assert gqp.has_projections == vqp_.has_projections is True and idx.shape == (2, 20, 4)
+    assert gqp.project_in[0].in_features == 32 and gqp.project_in[0].out_features == 64  # mean||logvar -> 2 * 4 * 8
+    assert gqp.project_out.in_features == 32 and gqp.project_out.out_features == 16
+    torch.testing.assert_close(gqp.get_output_from_indices(idx), q)
+    assert gqp.get_codes_from_indices(idx).shape == (2, 20, 32)
 
 
 def test_is_a_gaussian_quantizer_and_state_dict_roundtrip():
-    gq = GaussianQuantize(dim=8, codebook_size=64, codebook_dim=4)
-    assert isinstance(gq, GaussianQuantizer)
+    gq = GaussianQuantize(dim=8, codebook_size=64, codebook_dim=4, heads=2)
+    assert isinstance(gq, GaussianQuantizer) and not gq.has_projections
     core = GaussianQuantizer(8, 64, 4)
     core.load_state_dict(gq.state_dict())  # same buffers, same checks
 

@@ -25,6 +25,7 @@ from gq_plugin.search import kernels
 from gq_plugin.search import (
     argmax_inner_product,
     codebook_features,
+    compare_with_reference,
     gq_search,
     reference_scores,
     row_features,
@@ -55,21 +56,38 @@ def _check_against_reference(idx, mean, logvar, codebook, beta, ref_s=None):
     """idx must equal the float64 argmax, except at documented near-ties. Returns #differences."""
     dense_1d = codebook.shape[1] == 1 and codebook.shape[0] >= 4096
     max_frac = MAX_TIE_FRACTION_DENSE_1D if dense_1d else MAX_TIE_FRACTION
-    if ref_s is None:
-        ref_s = reference_scores(mean, logvar, codebook, beta, chunk=8)  # (N, K) float64
+    res = compare_with_reference(idx, mean, logvar, codebook, beta, rel_tol=REL_TOL, ref_scores=ref_s)
+    assert res["wrong"] == 0 and res["equal"] + res["near_ties"] == idx.numel(), res
+    assert res["near_ties"] <= max(1, int(max_frac * idx.numel())), res
+    return res["near_ties"]
+
+
+def test_compare_with_reference_counts():
+    mean, logvar, codebook = _posterior(40, 4, 64, seed=3)
+    ref_s = reference_scores(mean, logvar, codebook, 1.0)
     ref = ref_s.argmax(dim=1)
-    diff = (idx != ref).nonzero().flatten()
-    if diff.numel() == 0:
-        return 0
-    w = row_features(mean, logvar, beta).double().abs()
+    ok = compare_with_reference(ref, mean, logvar, codebook, 1.0, rows_per_chunk=7)
+    assert ok == {"rows": 40, "equal": 40, "near_ties": 0, "wrong": 0, "max_rel_gap": 0.0}
+    bad = ref.clone()
+    bad[5] = ref_s[5].argmin()  # the worst codeword: far outside any float32 tolerance
+    bad[9] = 64  # out of range
+    res = compare_with_reference(bad, mean, logvar, codebook, 1.0, ref_scores=ref_s)
+    assert (res["equal"], res["near_ties"], res["wrong"]) == (38, 0, 2) and res["max_rel_gap"] == float("inf")
+    # a near-tie: the runner-up of a row, with a tolerance wide enough to accept its gap
+    second = ref_s[0].topk(2).indices[1]
+    tie = ref.clone()
+    tie[0] = second
+    w = row_features(mean[:1], logvar[:1], 1.0).double().abs()
     f = codebook_features(codebook).double().abs()
-    for n in diff.tolist():
-        i, j = int(ref[n]), int(idx[n])
-        gap = float(ref_s[n, i] - ref_s[n, j])
-        scale = max(float(w[n] @ f[i]), float(w[n] @ f[j]))
-        assert 0.0 <= gap <= REL_TOL * scale, (n, i, j, gap, scale)
-    assert diff.numel() <= max(1, int(max_frac * idx.numel())), diff.numel()
-    return diff.numel()
+    rel = float((ref_s[0, ref[0]] - ref_s[0, second]) / torch.maximum(w @ f[ref[0]], w @ f[second]))
+    res = compare_with_reference(tie, mean, logvar, codebook, 1.0, rel_tol=1.01 * rel)
+    assert (res["equal"], res["near_ties"], res["wrong"]) == (39, 1, 0)
+    assert res["max_rel_gap"] == pytest.approx(rel, rel=1e-6)
+    assert compare_with_reference(tie, mean, logvar, codebook, 1.0, rel_tol=0.99 * rel)["wrong"] == 1
+    with pytest.raises(ValueError, match="idx"):
+        compare_with_reference(ref[:3], mean, logvar, codebook)
+    with pytest.raises(ValueError, match="codebook"):
+        compare_with_reference(ref, mean, logvar, codebook[:, :2])
 
 
 # ------------------------------------------------------------------ build / registration
@@ -258,3 +276,17 @@ def test_cuda_exact_and_ties(n, k, d):
     expect = (w.double() @ f.double().T).argmax(dim=1)  # exact on integers; first maximal index
     got = argmax_inner_product(w.cuda(), f.cuda(), backend="cuda").cpu()
     assert torch.equal(got, expect)
+
+
+@needs_cuda
+@pytest.mark.parametrize("m,k", [(4, 4096), (16, 65536)])
+def test_every_cuda_backend_matches_reference(m, k):
+    """Every backend available for CUDA tensors (torch tiled and the fused kernel) vs float64."""
+    names = search.available_backends("cuda")
+    assert "torch" in names and "cuda" in names, names
+    mean, logvar, codebook = _posterior(257, m, k, seed=7 * m + k)
+    for name in names:
+        idx = gq_search(mean.cuda(), logvar.cuda(), codebook.cuda(), beta=1.0, backend=name)
+        assert idx.is_cuda and idx.dtype == torch.int64 and idx.shape == (257,), name
+        _check_against_reference(idx.cpu(), mean, logvar, codebook, 1.0)
+    assert search.select_backend("cuda") == "cuda"

@@ -345,6 +345,36 @@ def test_metric_suite_distribution_metrics_streaming():
     assert suite.compute()["FD-Tiny"] > 1e-3
 
 
+def test_metric_suite_caches_reference_features_across_rows():
+    """Scoring several reconstructions of the same originals runs the feature net on them once."""
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rows = 0
+
+        def forward(self, x):
+            self.rows += x.shape[0]
+            return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(12, 3, 32, 32, generator=g) * 2 - 1
+    rows = [torch.nn.functional.avg_pool2d(x, k, 1, k // 2) for k in (3, 5)]
+    fe, plain_fe = Counting(), Counting()
+    cached = MetricSuite(lpips_nets=(), ssim=False, ms_ssim=False, min_images_fd=10, kid_subset_size=6, features=fe,
+                         feature_name="T", cache_reference_features=True)
+    plain = MetricSuite(lpips_nets=(), ssim=False, ms_ssim=False, min_images_fd=10, kid_subset_size=6, features=plain_fe,
+                        feature_name="T")
+    for y in rows:
+        for suite in (cached, plain):
+            suite.reset()
+            for i in range(0, 12, 4):
+                suite.update(x[i : i + 4], y[i : i + 4])
+        a, b = cached.compute(), plain.compute()
+        assert a["FD-T"] == b["FD-T"] and a["KID-T"] == b["KID-T"]  # the same numbers
+    assert plain_fe.rows == 2 * (12 + 12)  # originals and reconstructions, per row
+    assert fe.rows == 12 + 2 * 12  # originals once, reconstructions per row
+
+
 @needs_effnet
 def test_metric_suite_reports_effnet_names():
     g = torch.Generator().manual_seed(0)

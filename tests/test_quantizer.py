@@ -1,10 +1,14 @@
+import json
 import math
+import struct
 
 import pytest
 import torch
 
 from gq_plugin import GaussianQuantizer, codebook_usage, search_reference
 from gq_plugin.codebook import group_channels
+from gq_plugin.quantizer import GQConfig
+from gq_plugin.tdc import TDCSettings
 
 
 def make_moments(b=2, c=16, h=4, w=4, scale=1.0):
@@ -81,7 +85,7 @@ def test_train_mode_sample_and_tdc_loss():
     expected = (rates * torch.ones_like(w) + (rates - 8.0).clamp_min(0)).flatten(1).sum(1).mean()
     torch.testing.assert_close(loss, expected)
     ref = GaussianQuantizer(16, 2**8, 8, accept_image_fmap=True, tdc_rule="reference")
-    assert ref.config()["tdc_rule"] == "reference" and q.config()["tdc_rule"] == "band"
+    assert ref.settings.flat()["tdc_rule"] == "reference" and q.settings.flat()["tdc_rule"] == "band"
     _, _, ref_loss = ref(mean, logvar, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(ref_loss, rates.flatten(1).sum(1).mean())  # reference: lam * sum(w R), all weights 1
     loss.backward()
@@ -114,10 +118,6 @@ def test_state_dict_round_trip_and_mismatch_refusal():
         GaussianQuantizer(16, 2**10, 8, seed=0).load_state_dict(sd)
     with pytest.raises(ValueError, match="beta: checkpoint 1.0 vs model 0.0"):
         GaussianQuantizer(16, 2**10, 8, beta=0.0).load_state_dict(sd)
-    # checkpoints written before beta was stored (6-field config) still load
-    old = dict(sd)
-    old["gq_config"] = sd["gq_config"][:6]
-    GaussianQuantizer(16, 2**10, 8, beta=0.0).load_state_dict(old)
     tampered = dict(sd)
     tampered["codebook_fingerprint"] = sd["codebook_fingerprint"] + 1
     with pytest.raises(ValueError, match="fingerprint mismatch"):
@@ -226,3 +226,68 @@ def test_bad_forward_inputs():
         q.dequant(torch.zeros(1, 2, 2, 2))
     with pytest.raises(ValueError, match=r"\(mean, logvar\)"):
         q((torch.zeros(1, 8, 2, 2),))
+
+
+def _legacy_buffer(K, m, grouping, kind, seed, dim, beta=None):
+    """The int64 ``gq_config`` buffer gq-plugin <= 0.1 wrote: [K, m, grouping, kind, seed, dim]
+    and, once it was stored, beta's float64 bits as an int64."""
+    codes = [K, m, ("contiguous", "strided").index(grouping), ("sobol", "iid").index(kind), seed, dim]
+    if beta is not None:
+        codes.append(struct.unpack("<q", struct.pack("<d", beta))[0])
+    return torch.tensor(codes, dtype=torch.int64)
+
+
+def test_settings_serialise_one_way_and_old_checkpoints_still_load():
+    q = GaussianQuantizer(16, 2**10, 8, accept_image_fmap=True, beta=0.5, tolerance=0.25, lam_factor=1.03)
+    for _ in range(3):
+        q(*make_moments())
+    sd = q.state_dict()
+    # the state-dict entry is GQConfig.to_json as uint8: every setting, TDC included
+    assert sd["gq_config"].dtype == torch.uint8
+    saved = json.loads(bytes(sd["gq_config"].tolist()).decode())
+    assert saved == q.settings.to_dict() and saved["format"] == 2
+    assert (saved["beta"], saved["tdc"]["tolerance"], saved["tdc"]["lam_factor"]) == (0.5, 0.25, 1.03)
+    assert GQConfig.from_json(json.dumps(saved)) == q.settings
+    # attributes changed after construction reach the saved settings, and loading still works
+    q.tdc.auto_step = False
+    assert json.loads(bytes(q.state_dict()["gq_config"].tolist()).decode())["tdc_auto_step"] is False
+    other = GaussianQuantizer(16, 2**10, 8, accept_image_fmap=True, beta=0.5)
+    other.search_backend = "torch"  # its settings JSON now differs in length from the checkpoint's
+    other.load_state_dict(sd)
+    assert other.settings.search_backend == "torch" and other.tdc.num_steps.item() == 3
+    # checkpoints of the int64 layout (7 fields with beta bit-cast, and the older 6) load and are checked
+    for beta in (0.5, None):
+        old = dict(sd)
+        old["gq_config"] = _legacy_buffer(2**10, 8, "contiguous", "sobol", 42, 16, beta)
+        fresh = GaussianQuantizer(16, 2**10, 8, accept_image_fmap=True, beta=0.5)
+        fresh.load_state_dict(old)
+        assert torch.equal(fresh.tdc.lam_global, q.tdc.lam_global) and fresh.tdc.num_steps.item() == 3
+        assert fresh.state_dict()["gq_config"].dtype == torch.uint8  # re-saved in the one format
+    old["gq_config"] = _legacy_buffer(2**10, 8, "strided", "sobol", 42, 16, 0.5)
+    with pytest.raises(ValueError, match="grouping: checkpoint 'strided' vs model 'contiguous'"):
+        GaussianQuantizer(16, 2**10, 8, beta=0.5).load_state_dict(old)
+    old["gq_config"] = _legacy_buffer(2**10, 8, "contiguous", "sobol", 42, 16, 1.0)
+    with pytest.raises(ValueError, match="beta: checkpoint 1.0 vs model 0.5"):
+        GaussianQuantizer(16, 2**10, 8, beta=0.5).load_state_dict(old)
+
+
+def test_settings_validated_in_one_place():
+    cfg = GQConfig(16, 2**10, 8)
+    assert cfg.tdc == TDCSettings() and cfg.codebook_dim == 8 and cfg.num_codebooks == 2
+    assert set(cfg.flat()) == set(GQConfig.names()) and "tolerance" in GQConfig.names()
+    assert GQConfig.from_dict(cfg.flat()) == cfg  # flat round trip
+    with pytest.raises(ValueError, match=r"unknown GQ setting\(s\) \['tolerence'\]"):
+        GaussianQuantizer(16, 2**10, tolerence=0.3)
+    with pytest.raises(ValueError, match="lam_factor must be finite and > 1"):
+        GQConfig.from_dict({"dim": 4, "codebook_size": 16, "lam_factor": 1.0})
+    with pytest.raises(ValueError, match="search_backend must be None, 'auto' or one of"):
+        GaussianQuantizer(4, 16, search_backend="gpu")
+    with pytest.raises(ValueError, match="newer than this gq-plugin"):
+        GQConfig.from_dict({**cfg.to_dict(), "format": 3})
+    with pytest.raises(ValueError, match="tdc_auto_step must be True or False"):
+        GQConfig(4, 16, tdc_auto_step="no")
+    # a ready settings object, with keyword overrides
+    q = GaussianQuantizer(settings=cfg, accept_image_fmap=True, seed=7)
+    assert q.settings == cfg.replace(seed=7)
+    with pytest.raises(ValueError, match="disagree with settings"):
+        GaussianQuantizer(8, settings=cfg)

@@ -62,6 +62,7 @@ def test_recommend_codebook_uniform_rates():
     rec = recommend_codebook(rates)
     assert (rec.codebook_dim, rec.codebook_size) == (16, 2**16)
     assert rec.chosen.frac_over_budget == 0.0 and "convert directly" in rec.reasoning
+    assert "and has the largest m" in rec.reasoning
     assert "| 16 **(chosen)** | 16 |" in rec.table()
 
 
@@ -74,6 +75,9 @@ def test_recommend_codebook_caps_k_and_prefers_lossless_split():
     m16 = [o for o in rec.options if o.codebook_dim == 16][0]
     assert m16.mean_excess_bits == pytest.approx(64 - 16)
     assert "fine-tune" not in rec.reasoning
+    # m=4 was picked because m=8 loses bits (K capped at 2^16 for 32 bits/group), not for being the largest m
+    assert "largest m" not in rec.reasoning
+    assert "larger m lose more (m=8, K=2^16: 32.000 bits/token)" in rec.reasoning
 
 
 def test_recommend_codebook_bad_input():

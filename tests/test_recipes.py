@@ -41,4 +41,31 @@ def test_tiny_recipe_builds_and_runs_forward():
     assert vae.gq_quantizer.num_codebooks == 2 and vae.gq_quantizer.tdc.auto_step is False
     wrapper.eval()
     out = wrapper(torch.rand(2, 3, 64, 64) * 2 - 1)
-    assert out.indices.shape == (2, 2, 16, 16)
+    assert out.indices.shape == (2, 2, 16, 16)  # diffusers host layout (B, G, h, w)
+
+
+def test_every_gq_setting_in_a_recipe_reaches_the_quantizer():
+    """quantizer.search_backend (and every other GQConfig name) was accepted and never forwarded."""
+    pytest.importorskip("diffusers")
+    from gq_plugin.lab.models import build_model
+
+    overrides = ["quantizer.search_backend=torch", "quantizer.tolerance=0.25", "quantizer.lam_max_range=[1.0,50.0]",
+                 "quantizer.logvar_range=[-10.0,5.0]", "quantizer.tile_k=512"]
+    vae, _ = build_model(load_config("tiny_cpu", overrides))
+    s = vae.gq_quantizer.settings
+    assert (s.search_backend, s.tdc.tolerance, s.tdc.lam_max_range, s.logvar_range, s.tile_k) == (
+        "torch", 0.25, (1.0, 50.0), (-10.0, 5.0), 512)
+
+
+def test_recipe_settings_validated_by_gqconfig_and_dead_keys_gone():
+    with pytest.raises(ValueError, match="quantizer: lam_factor must be finite and > 1"):
+        load_config("tiny_cpu", ["quantizer.lam_factor=0.9"])
+    with pytest.raises(ValueError, match="quantizer: search_backend must be None, 'auto' or one of"):
+        load_config("tiny_cpu", ["quantizer.search_backend=gpu"])
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in quantizer: \['tolerence'\]"):
+        load_config("tiny_cpu", ["quantizer.tolerence=0.3"])
+    # model.family and data.fetch_set were never read: they are no longer accepted
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in model: \['family'\]"):
+        load_config("tiny_cpu", ["model.family=diffusers_autoencoder_kl"])
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in data: \['fetch_set'\]"):
+        load_config("tiny_cpu", ["data.fetch_set=small"])

@@ -135,3 +135,21 @@ def test_search_bad_input():
     with pytest.raises(ValueError, match="tile_n"):
         gq_search(torch.zeros(3, 4), torch.zeros(3, 4), cb, tile_n=0)
     assert gq_search(torch.zeros(0, 4), torch.zeros(0, 4), cb).shape == (0,)
+
+
+def test_quantizer_search_uses_its_own_logvar_range():
+    """row_features clamped to the fixed LOGVAR_RANGE, overriding a quantizer's wider logvar_range."""
+    from gq_plugin import GaussianQuantizer
+
+    g = torch.Generator().manual_seed(0)
+    q = GaussianQuantizer(2, 64, 2, logvar_range=(-30.0, 26.0)).eval()
+    mean = torch.randn(4000, 2, generator=g) * 7e10  # mu / sigma^2 ~ 1 at logvar 25, ~150 at the old clamp 20
+    logvar = torch.full((4000, 2), 25.0)
+    idx = q.encode_indices(mean, logvar)[:, 0]
+    # the direct score log N(c; mu, sigma^2) - log N(c; 0, I) in float64, logvar unclamped (25 < 26)
+    mu, lv, cb = mean.double(), logvar.double(), q.codebook.double()
+    scores = (-0.5 * (cb[None] - mu[:, None]).square() * torch.exp(-lv[:, None]) + 0.5 * cb[None].square()).sum(-1)
+    assert torch.equal(idx, scores.argmax(1))
+    assert torch.equal(idx, search_reference(mean, logvar, q.codebook, logvar_range=(-30.0, 26.0)))
+    # the default range still clamps at 20 (and gives other indices here)
+    assert not torch.equal(idx, search_reference(mean, logvar, q.codebook))

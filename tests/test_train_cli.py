@@ -78,6 +78,10 @@ def test_train_writes_checkpoints_logs_and_plots(trained):
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in logs] == [2, 4, 6]
     assert all(k in logs[-1] for k in ("rec", "bits-mean", "bits-max", "lam", "lam-max", "lam-min", "lpips"))
+    # the progress bar shows per-element values: rec is a per-image sum over 3*32*32 elements of l1 + 0.1*lpips
+    last = logs[-1]
+    assert last["rec_per_elem"] == pytest.approx(last["rec"] / (3 * 32 * 32), rel=1e-6)
+    assert last["rec_per_elem"] == pytest.approx(last["l1"] + 0.1 * last["lpips"], rel=1e-4)
     for e in logs:  # band statistics of the logged batch: shares sum to 1, quantiles ordered, q100 = max
         assert e["band-in"] + e["band-over"] + e["band-under"] == pytest.approx(1.0)
         assert e["bits-q01"] <= e["bits-q05"] <= e["bits-q50"] <= e["bits-q95"] <= e["bits-q99"] <= e["bits-max"]
@@ -148,8 +152,11 @@ def test_diagnose_recommends_and_measures(trained, photo_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Recommended: K = 2^" in printed
     rec, own = res["band"]["recommended"], res["band"]["model"]
-    # one formula: the recommendation's over-budget share is the band statistics' share
-    assert rec["over_budget"] == res["predicted"]["frac_groups_over_budget"]
+    # one formula: the predicted over-budget share is the band statistics' share at the setting measured,
+    # which for this GQ-patched model is its own K = 256, m = 4 (not the recommendation)
+    assert res["measured"]["setting"] == "model" and (res["measured"]["codebook_size"], res["measured"]["codebook_dim"]) == (256, 4)
+    assert own["over_budget"] == res["predicted"]["frac_groups_over_budget"]
+    assert "Measured with the model's own setting: K = 2^8 (256), m = 4" in printed
     assert rec["target_bits"] == res["recommended"]["log2_codebook_size"]
     assert (own["codebook_size"], own["codebook_dim"], own["target_bits"]) == (256, 4, 8.0)
     assert own["count"] == 4 * 16 * 16  # 4 images x 16x16 tokens x 1 group
@@ -202,3 +209,16 @@ def test_two_process_accelerate_ranks_stay_identical(photo_dir, tmp_path):
         assert torch.equal(r0[k], r1[k]), k
     assert r0["gq_quantizer.tdc.num_steps"].item() == 3
     assert r0["gq_quantizer.tdc.lam_global"].item() != 1.0
+
+
+def test_vanilla_kl_training_logs_group_rates(tmp_path, photo_dir):
+    """The vanilla (quantizer.name=kl) trainer logs the rates it computes (last_rates was never read)."""
+    out = tmp_path / "kl"
+    recipe = write_recipe(tmp_path / "kl.yaml", photo_dir, out, quantizer={"name": "kl", "weight": 1e-6},
+                          train={"steps": 2, "log_every": 1, "ckpt_every": 0}, loss={"lpips": 0.0})
+    assert gq_main(["train", str(recipe), "--quiet"]) == 0
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in logs] == [1, 2]
+    for e in logs:
+        assert 0 < e["bits-min"] <= e["bits-mean"] <= e["bits-max"]
+    assert (out / "rates_hist.png").stat().st_size > 1000

@@ -204,7 +204,7 @@ def plot_rates(out: Path, seeds: list[int]) -> Path | None:
     for t in ("vanilla", "tdc"):
         f = d / f"{t}-seed{seeds[0]}.pt" if seeds else None
         if f is not None and f.is_file():
-            rates[f"{t} VAE"] = torch.load(f)
+            rates[f"{t} VAE"] = torch.load(f, weights_only=True)
     if not rates:
         return None
     target = None
@@ -212,7 +212,7 @@ def plot_rates(out: Path, seeds: list[int]) -> Path | None:
         spec = json.loads(r.read_text())["spec"]
         target = math.log2(spec["K"])
         break
-    return plot_rate_histogram(rates, out / "rates_vanilla_vs_tdc.png", target=target, tolerance=0.5,
+    return plot_rate_histogram(rates, out / "rates_vanilla_vs_tdc.png", target=target, tolerance=None,
                                title=f"Per-group rate R_g on held-out photos (seed {seeds[0]})")
 
 
@@ -386,7 +386,7 @@ def band_runs(out: Path, train: str, runs: list[dict]) -> list[dict]:
         if band is None and f.is_file() and r.get("spec", {}).get("K"):
             import torch
 
-            band = band_statistics(torch.load(f), math.log2(r["spec"]["K"]), 0.5).to_json()
+            band = band_statistics(torch.load(f, weights_only=True), math.log2(r["spec"]["K"]), 0.5).to_json()
         if band is not None:
             found.append({"seed": r.get("seed"), "band": band})
     return found

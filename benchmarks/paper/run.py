@@ -37,7 +37,6 @@ if str(REPO) not in sys.path:  # this checkout's gq_plugin, not whichever one is
     sys.path.insert(0, str(REPO))
 
 from gq_plugin.lab.sysinfo import cpu_model  # noqa: E402
-from gq_plugin.rate import band_statistics  # noqa: E402
 BITS_PER_TOKEN = 16
 FSQ_LEVELS_16 = [8, 8, 8, 5, 5, 5]
 
@@ -216,29 +215,6 @@ def _train_with_time_log(train, cfg, resume, run_dir: Path, prev: float, args):
 # --------------------------------------------------------------------------- evaluation
 
 
-class _MemoFeatures:
-    """Feature extractor cache keyed by the exact bytes of a batch (originals repeat across rows)."""
-
-    _cache: ClassVar[dict] = {}
-
-    def __init__(self, fe):
-        self.fe = fe
-
-    @classmethod
-    def wrap(cls, fe):
-        return None if fe is None else cls(fe)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        import hashlib
-
-        key = hashlib.blake2b(x.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
-        if key not in self._cache:
-            if len(self._cache) > 4096:
-                self._cache.clear()
-            self._cache[key] = self.fe(x)
-        return self._cache[key]
-
-
 class ModelEval:
     """One trained model on the held-out photos: encodes once, scores any bottleneck on top."""
 
@@ -277,10 +253,9 @@ class ModelEval:
 
         key = (bool(self.cfg.eval.distribution) and not light, str(self.device))
         if key not in ModelEval._suites:
-            suite = MetricSuite(lpips_nets=("alex",), distribution=key[0], device=self.device)
-            orig = suite._features  # memoise EffNet features by batch content: the originals are the
-            suite._features = lambda device, _orig=orig: _MemoFeatures.wrap(_orig(device))  # same for every row
-            ModelEval._suites[key] = suite
+            # the originals are the same for every row: their EffNet features are computed once
+            ModelEval._suites[key] = MetricSuite(lpips_nets=("alex",), distribution=key[0], device=self.device,
+                                                 cache_reference_features=True)
         suite = ModelEval._suites[key]
         suite.reset()
         return suite
@@ -288,7 +263,7 @@ class ModelEval:
     @torch.no_grad()
     def score(self, spec: dict) -> dict:
         from gq_plugin import GaussianQuantizer
-        from gq_plugin.lab.metrics.codebook import codebook_stats
+        from gq_plugin.lab.evaluate import bottleneck_info
 
         kind = spec["kind"]
         suite = self._suite(spec.get("light", False))
@@ -296,7 +271,7 @@ class ModelEval:
         q = None
         if kind == "gq":
             q = GaussianQuantizer(self.C, int(spec["K"]), int(spec["m"]), accept_image_fmap=True, beta=float(spec["beta"]))
-            K, info["bpp"] = q.codebook_size, (self.C // q.codebook_dim) * math.log2(q.codebook_size) / self.ppt
+            K, info["bpp"] = q.codebook_size, q.bits_per_token / self.ppt
         elif kind == "tokenbridge":
             from gq_plugin.lab.registry import build_quantizer
 
@@ -326,17 +301,18 @@ class ModelEval:
             suite.update(x, rec)
         res = suite.compute()
         res = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in res.items()}
-        if idx_all:
-            info["codebook"] = codebook_stats(torch.cat(idx_all), K)
-            info["codebook_size"] = K
+        rates, target, tolerance, m = [], None, None, None
         if kind in ("gq", "continuous") and hasattr(self.vae, "gq_quantizer"):
             gq = self.vae.gq_quantizer
-            rq = GaussianQuantizer(self.C, gq.codebook_size, int(spec.get("m", gq.codebook_dim)), accept_image_fmap=True)
-            r = torch.cat([rq.rates(m, lv).reshape(-1) for _, m, lv in self.batches])
-            info["rates"] = {"mean": float(r.mean()), "min": float(r.min()), "max": float(r.max()), "std": float(r.std()),
-                             "p01": float(r.quantile(0.01)), "p99": float(r.quantile(0.99)), "m": rq.codebook_dim}
-            # shares in / over / under the band log2 K +- alpha of the row's own K (the trained model's K for `continuous`)
-            info["band"] = band_statistics(r, math.log2(int(spec.get("K", gq.codebook_size))), gq.tdc.tolerance).to_json()
+            m = int(spec.get("m", gq.codebook_dim))
+            rates = [self.group_rates(m)]
+            # the band log2 K +- alpha of the row's own K (the trained model's K for `continuous`)
+            target, tolerance = math.log2(int(spec.get("K", gq.codebook_size))), gq.tdc.tolerance
+        info.update(bottleneck_info(idx_all, rates, K if idx_all else None, info.pop("bpp", None), tolerance, target))
+        if idx_all:
+            info["codebook_size"] = K
+        if rates:
+            info["rates"]["m"] = m
         info["eval_time_s"] = time.time() - t0
         info["n_images"], info["n_photos"] = res.pop("n_images"), self.n_photos
         return {"metrics": res, **info}
@@ -357,12 +333,14 @@ class ModelEval:
             self._std = float(torch.cat(mus).std())
         return self._std
 
-    def group_rates(self) -> torch.Tensor:
-        from gq_plugin import GaussianQuantizer
+    def group_rates(self, m: int | None = None) -> torch.Tensor:
+        """Group rates (bits, flat) of the held-out posteriors for groups of ``m`` channels (default the model's m)."""
+        from gq_plugin.rate import group_rates
 
         gq = self.vae.gq_quantizer
-        rq = GaussianQuantizer(self.C, gq.codebook_size, gq.codebook_dim, accept_image_fmap=True)
-        return torch.cat([rq.rates(m, lv).reshape(-1) for _, m, lv in self.batches])
+        m = gq.codebook_dim if m is None else m
+        return torch.cat([group_rates(mu.movedim(1, -1), lv.clamp(*gq.logvar_range).movedim(1, -1), m, gq.grouping).reshape(-1)
+                          for _, mu, lv in self.batches])
 
 
 # --------------------------------------------------------------------------- driver

@@ -15,15 +15,20 @@ load_pretrained_gq_vae,
 patch_from_config,
 suggest_gq_settings,
 GQDiagonalGaussianDistribution
-patch_ldm_autoencoder,         :mod:`.ldm` (CompVis ldm ``AutoencoderKL`` interface)
+patch_ldm_autoencoder,         :mod:`.ldm` (ldm ``AutoencoderKL``; ``GQAutoencoderKL`` is a
+GQAutoencoderKL,               config target that patches itself before loading a checkpoint)
 GQDiagonalGaussian
-GaussianQuantRegularizer       :mod:`.sgm` (generative-models ``AbstractRegularizer``)
+GaussianQuantRegularizer,      :mod:`.sgm` (generative-models ``AbstractRegularizer``;
+patch_sgm_autoencoder          ``patch_sgm_autoencoder`` swaps an engine's regularizer)
 GaussianVectorQuantizer,       :mod:`.taming` (taming ``VectorQuantizer2`` / ``VQModel``)
 patch_taming_vqmodel,
 unpatch_taming_vqmodel
 GaussianQuantize,              :mod:`.vq_pytorch` (vector-quantize-pytorch API)
 register_with_vector_quantize_pytorch
-swap_tokenbridge_quantizer     :mod:`.tokenbridge`
+swap_tokenbridge_quantizer,    :mod:`.tokenbridge` (TokenBridge; its AR head: :mod:`._ar_head`)
+tokenbridge_gq_inputs,
+load_tokenbridge_checkpoint,
+gq_post_training_quantize
 GQAutoencoderWrapper           :mod:`.wrapper` (DDP-safe encode -> GQ -> decode)
 patch, unpatch, is_patched,    here (``HOSTS``: the host table, one row per host)
 gq_settings_from_state_dict
@@ -55,18 +60,18 @@ HOSTS: dict[str, Host] = {
     "diffusers": Host(
         "diffusers_vae", "patch_autoencoder_kl", "unpatch",
         ("patch_sd3_vae", "patch_autoencoder_kl", "load_pretrained_gq_vae", "patch_from_config", "suggest_gq_settings",
-         "GQDiagonalGaussianDistribution", "GQSetting"),
+         "GQDiagonalGaussianDistribution"),
     ),
-    "ldm": Host("ldm", "patch_ldm_autoencoder", "unpatch_ldm_autoencoder", ("patch_ldm_autoencoder",)),
+    "ldm": Host("ldm", "patch_ldm_autoencoder", "unpatch_ldm_autoencoder", ("patch_ldm_autoencoder", "GQAutoencoderKL")),
     "taming": Host(
         "taming", "patch_taming_vqmodel", "unpatch_taming_vqmodel",
         ("GaussianVectorQuantizer", "patch_taming_vqmodel", "unpatch_taming_vqmodel"),
     ),
     "tokenbridge": Host(
         "tokenbridge", "swap_tokenbridge_quantizer", "unswap_tokenbridge_quantizer",
-        ("swap_tokenbridge_quantizer", "tokenbridge_gq_inputs"),
+        ("swap_tokenbridge_quantizer", "tokenbridge_gq_inputs", "load_tokenbridge_checkpoint", "gq_post_training_quantize"),
     ),
-    "sgm": Host("sgm", None, None, ("GaussianQuantRegularizer",)),
+    "sgm": Host("sgm", "patch_sgm_autoencoder", "unpatch_sgm_autoencoder", ("GaussianQuantRegularizer", "patch_sgm_autoencoder")),
     "vq_pytorch": Host("vq_pytorch", None, None, ("GaussianQuantize", "register_with_vector_quantize_pytorch")),
 }
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import types
 
 from ..codebook import divisors
@@ -65,6 +66,18 @@ def check_codebook_dim(latent_channels: int, m: int) -> None:
             f"m (channels per sub-codebook) = {m!r} must be a positive divisor of the model's "
             f"latent channels ({latent_channels}); valid m: {divisors(latent_channels)}"
         )
+
+
+def check_weight(name: str, value) -> float:
+    """``float(value)``, or ``ValueError`` naming ``name`` unless it is finite and > 0 (a loss weight
+    the host multiplies the TDC loss by: zero would switch TDC off)."""
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"{name} = {value!r} must be a finite number > 0: it scales the TDC loss in the host's loss "
+            "(a zero weight switches TDC off)"
+        )
+    return value
 
 
 def record(model) -> dict | None:
@@ -163,19 +176,29 @@ def uninstall(model, host: str | None = None):
 
 
 def gq_settings_from_state_dict(state_dict, prefix: str = QUANTIZER_ATTR + ".") -> dict:
-    """Recover ``{"K", "m", "grouping", "codebook", "seed", "beta"}`` from a checkpoint's ``gq_config`` buffer.
+    """The patch keywords (``K``, ``m`` and the other GQ settings) stored in a checkpoint's
+    ``gq_config`` entry, for plain ``state_dict`` checkpoints (ldm, TokenBridge): re-patch with
+    them, then ``load_state_dict``.
 
-    For plain ``state_dict`` checkpoints (ldm, TokenBridge): re-patch with these settings, then
-    ``load_state_dict``. The TDC settings are not in the buffer; pass them again if you changed
-    the defaults (``beta`` is missing only from checkpoints of gq-plugin before it was stored).
+    Checkpoints of gq-plugin <= 0.1 (an int64 buffer) give only ``K, m, grouping, codebook,
+    seed`` (and ``beta`` once it was stored); pass changed TDC settings again for those.
     """
-    from ..quantizer import decode_config
+    from ..quantizer import GQConfig, read_config_tensor
 
     key = prefix + "gq_config"
     if key not in state_dict:
         raise ValueError(f"no {key!r} in the state dict (not saved from a GQ-patched model, or another prefix)")
-    cfg = decode_config([int(v) for v in state_dict[key].reshape(-1).tolist()])
-    out = {"K": cfg["codebook_size"], "m": cfg["codebook_dim"], "grouping": cfg["grouping"], "codebook": cfg["codebook"], "seed": cfg["seed"]}
-    if "beta" in cfg:
-        out["beta"] = cfg["beta"]
+    cfg = read_config_tensor(state_dict[key])
+    if "format" in cfg:  # the one serialisation: every setting, validated
+        cfg = GQConfig.from_dict(cfg).flat()
+    return to_patch_kwargs(cfg)
+
+
+def to_patch_kwargs(settings: dict) -> dict:
+    """Flat GQ settings (:meth:`GQConfig.flat <gq_plugin.quantizer.GQConfig.flat>`) -> the keywords of a host's
+    patch function: ``K``/``m`` for ``codebook_size``/``codebook_dim``; ``dim`` dropped (the
+    model gives it). The one place where the adapters' K/m vocabulary meets the settings."""
+    out = {"K": settings["codebook_size"], "m": settings["codebook_dim"]}
+    out.update({k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()
+                if k not in ("codebook_size", "codebook_dim", "dim", "format")})
     return out

@@ -24,7 +24,10 @@ latents channel-first ``(B, C, h, w)``, so their adapters show indices (and rate
 
 ``kl().mean()`` (equivalently ``kl().sum() / B``, the reduction used by the diffusers
 ``train_autoencoderkl.py`` example and by ldm's ``LPIPSWithDiscriminator``) equals the TDC loss
-``lam * mean over batch of sum over tokens and groups of w * R_g``.
+``lam * mean over batch of sum over tokens and groups of w * R_g`` times ``kl_scale()`` when the
+adapter gives one: hosts multiply ``kl()`` by their own KL weight (ldm: ``kl_weight = 1e-6``), so
+an adapter that can see that weight passes ``kl_scale = tdc_weight / host_weight`` and the host's
+loss receives ``tdc_weight * TDC``. ``tdc_loss()`` is the unscaled TDC loss.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ..rate import LOGVAR_RANGE, reparameterize
 
 
 def to_host_layout(core: torch.Tensor) -> torch.Tensor:
@@ -56,10 +61,11 @@ class GQPosteriorMixin:
 
     quantizer = None  # set by _gq_init
 
-    def _gq_init(self, quantizer) -> None:
+    def _gq_init(self, quantizer, kl_scale=None) -> None:
         self.quantizer = quantizer
         self._gq_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._kl_cache: torch.Tensor | None = None
+        self._kl_scale = kl_scale  # None or a callable returning the factor applied in kl()
 
     # ----------------------------------------------------------------- GQ quantities
 
@@ -89,8 +95,16 @@ class GQPosteriorMixin:
         return to_host_layout(self.quantizer.rates(self.mean, self.logvar))
 
     def tdc_loss(self) -> torch.Tensor:
-        """The TDC loss of this batch (a scalar) = ``kl().mean()``."""
-        return self.kl().mean()
+        """The TDC loss of this batch (a scalar) = ``kl().mean() / kl_scale()``."""
+        return self._tdc().mean()
+
+    def _tdc(self) -> torch.Tensor:
+        """Per-sample TDC loss ``(B,)``; in training recorded once per posterior."""
+        if not self.gq_training:
+            return self._tdc_per_sample(record=False)
+        if self._kl_cache is None:
+            self._kl_cache = self._tdc_per_sample(record=True)
+        return self._kl_cache
 
     def _tdc_per_sample(self, record: bool) -> torch.Tensor:
         rates = self.rates()
@@ -115,35 +129,31 @@ class GQPosteriorMixin:
     def kl(self, other=None) -> torch.Tensor:
         if other is not None:
             return self._gaussian_kl(other)
-        if not self.gq_training:
-            return self._tdc_per_sample(record=False)
-        if self._kl_cache is None:
-            self._kl_cache = self._tdc_per_sample(record=True)
-        return self._kl_cache
+        tdc = self._tdc()
+        return tdc if self._kl_scale is None else tdc * self._kl_scale()
 
 
 class GQDiagonalGaussian(GQPosteriorMixin):
     """Posterior with the interface of ldm's / sgm's ``DiagonalGaussianDistribution``.
 
-    Attributes ``parameters`` (the 2C moments), ``mean``, ``logvar`` (clamped to [-30, 20]),
+    Attributes ``parameters`` (the 2C moments), ``mean``, ``logvar`` (clamped to ``LOGVAR_RANGE`` = [-30, 20], as ldm),
     ``std``, ``var``, ``deterministic``; methods ``sample()``, ``mode()``, ``kl(other=None)``,
     ``nll(sample, dims=[1, 2, 3])``, plus the GQ extras (``indices``, ``z_hat``, ``rates()``).
     """
 
-    def __init__(self, parameters: torch.Tensor, quantizer, deterministic: bool = False) -> None:
+    def __init__(self, parameters: torch.Tensor, quantizer, deterministic: bool = False, kl_scale=None) -> None:
         self.parameters = parameters
         self.mean, self.logvar = torch.chunk(parameters, 2, dim=1)
-        self.logvar = torch.clamp(self.logvar, -30.0, 20.0)
+        self.logvar = torch.clamp(self.logvar, *LOGVAR_RANGE)
         self.deterministic = deterministic
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
         if deterministic:
             self.var = self.std = torch.zeros_like(self.mean)
-        self._gq_init(quantizer)
+        self._gq_init(quantizer, kl_scale)
 
     def _gaussian_sample(self, generator=None):
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps
+        return self.mean if self.deterministic else reparameterize(self.mean, self.logvar, generator)
 
     def _gaussian_kl(self, other):
         return 0.5 * torch.sum(

@@ -18,11 +18,11 @@ KL/TDC is defined; pipelines apply their latent normalisation on top as before.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 
 import torch
 
@@ -34,22 +34,30 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without diffusers
     raise ImportError("gq_plugin.adapters.diffusers_vae needs diffusers: pip install 'gq-plugin[diffusers]'") from e
 
-from ..codebook import divisors
-from ..quantizer import GaussianQuantizer
+from ..quantizer import GaussianQuantizer, GQConfig
+from ..rate import CodebookOptions, codebook_options
 from . import _patch
 from ._posterior import GQPosteriorMixin, from_host_layout, to_host_layout
 
 CONFIG_KEY = "gq"
-CONFIG_FORMAT = 1
+# First entry of config["gq"] (diffusers sorts config keys; upper case sorts first). A plain
+# AutoencoderKL.from_pretrained prints the whole entry in its "config attributes ... will be
+# ignored" warning, so this sentence is what a user who did not load through gq-plugin sees.
+LOAD_NOTE_KEY = "NOTE"
+LOAD_NOTE = (
+    "GQ (Gaussian Quant) VQ-VAE saved by gq-plugin: a plain AutoencoderKL.from_pretrained loads it as a continuous "
+    "VAE WITHOUT GQ (no tokens, no TDC). Load it with gq_plugin.adapters.load_pretrained_gq_vae(path)."
+)
 _RESERVED = ("dim", "accept_image_fmap", "channel_last")
 
 
 class GQDiagonalGaussianDistribution(GQPosteriorMixin, DiagonalGaussianDistribution):
     """diffusers ``DiagonalGaussianDistribution`` whose sample/mode/kl follow GQ + TDC."""
 
-    def __init__(self, parameters: torch.Tensor, quantizer: GaussianQuantizer, deterministic: bool = False) -> None:
+    def __init__(self, parameters: torch.Tensor, quantizer: GaussianQuantizer, deterministic: bool = False,
+                 kl_scale=None) -> None:
         DiagonalGaussianDistribution.__init__(self, parameters, deterministic)
-        self._gq_init(quantizer)
+        self._gq_init(quantizer, kl_scale)
 
     def _gaussian_sample(self, generator=None):
         return DiagonalGaussianDistribution.sample(self, generator)
@@ -64,16 +72,42 @@ class GQDiagonalGaussianDistribution(GQPosteriorMixin, DiagonalGaussianDistribut
 
 def encode(self, x: torch.Tensor, return_dict: bool = True):
     out = _patch.original(self, "encode")(x, return_dict=True)
-    posterior = GQDiagonalGaussianDistribution(out.latent_dist.parameters, self.gq_quantizer)
+    w = _patch.data(self)
+    scale = None if w.get("host_kl_weight") is None else functools.partial(float, w["tdc_weight"] / w["host_kl_weight"])
+    posterior = GQDiagonalGaussianDistribution(out.latent_dist.parameters, self.gq_quantizer, kl_scale=scale)
     if not return_dict:
         return (posterior,)
     return AutoencoderKLOutput(latent_dist=posterior)
 
 
+@contextmanager
+def _untiled(vae):
+    tiled = bool(getattr(vae, "use_tiling", False))
+    vae.use_tiling = False
+    try:
+        yield tiled
+    finally:
+        vae.use_tiling = tiled
+
+
 @torch.no_grad()
 def encode_indices(self, x: torch.Tensor) -> torch.Tensor:
-    """GQ indices ``(B, latent_channels / m, h, w)`` (int64) of images ``x``."""
-    moments = _patch.original(self, "encode")(x, return_dict=True).latent_dist.parameters
+    """GQ indices ``(B, latent_channels / m, h, w)`` (int64) of images ``x``.
+
+    Always the untiled encoding: diffusers' ``enable_tiling()`` blends the encoder's moments
+    across overlapping tiles, which changes the tokens at most positions, so tiling is switched
+    off for this call (and back on after it; a ``UserWarning`` says so). Encode smaller images
+    if the untiled encoder does not fit in memory.
+    """
+    with _untiled(self) as tiled:
+        if tiled:
+            warnings.warn(
+                "encode_indices ignores enable_tiling(): tiled encoding blends the moments of overlapping tiles and "
+                "changes the GQ tokens, so the indices come from the untiled encoder",
+                UserWarning,
+                stacklevel=3,
+            )
+        moments = _patch.original(self, "encode")(x, return_dict=True).latent_dist.parameters
     return to_host_layout(self.gq_quantizer.encode_indices(moments))
 
 
@@ -89,14 +123,6 @@ _METHODS = {"encode": encode, "encode_indices": encode_indices, "decode_indices"
 # --------------------------------------------------------------------------- patch / unpatch
 
 
-def _jsonable(value) -> bool:
-    try:
-        json.dumps(value)
-        return True
-    except TypeError:
-        return False
-
-
 def _latent_channels(vae) -> int:
     try:
         return int(vae.config.latent_channels)
@@ -104,7 +130,8 @@ def _latent_channels(vae) -> int:
         raise ValueError("expected a diffusers AutoencoderKL (config.latent_channels missing)") from e
 
 
-def patch_autoencoder_kl(vae, K: int = 2**16, m: int | None = None, **gq_kwargs):
+def patch_autoencoder_kl(vae, K: int = 2**16, m: int | None = None, *, host_kl_weight: float | None = None,
+                         tdc_weight: float = 1.0, **gq_kwargs):
     """Patch any diffusers ``AutoencoderKL`` in place with Gaussian Quant + TDC.
 
     Args:
@@ -114,6 +141,11 @@ def patch_autoencoder_kl(vae, K: int = 2**16, m: int | None = None, **gq_kwargs)
             one codebook index per latent position).
         **gq_kwargs: forwarded to :class:`~gq_plugin.GaussianQuantizer` (``grouping``,
             ``codebook``, ``seed``, ``beta``, ``tolerance``, ``lam_factor``, ``tdc_auto_step``, ...).
+        host_kl_weight: the weight your training loop multiplies ``posterior.kl()`` by (the
+            diffusers ``train_autoencoderkl.py`` example's ``--kl_scale``, 1e-6 by default). ``kl()``
+            is divided by it so the loop's KL term is ``tdc_weight * TDC``; ``None``: ``kl()`` is the
+            TDC loss itself. diffusers models carry no loss module to read it from.
+        tdc_weight: the weight the TDC loss should have in that term (with ``host_kl_weight``).
 
     Returns the same ``vae`` (patched).
     """
@@ -128,19 +160,13 @@ def patch_autoencoder_kl(vae, K: int = 2**16, m: int | None = None, **gq_kwargs)
         quantizer.to(vae.device)
     except AttributeError:
         pass
-    cfg = {"format": CONFIG_FORMAT}
-    cfg.update({k: v for k, v in quantizer.config().items() if k != "dim"})
-    for k, v in gq_kwargs.items():
-        if k in cfg:
-            continue
-        if isinstance(v, tuple):
-            v = list(v)
-        if _jsonable(v):
-            cfg[k] = v
-        else:
-            warnings.warn(f"GQ option {k}={v!r} is not JSON-serialisable and will not be saved in the model config", stacklevel=2)
-    _patch.install(vae, "diffusers", methods=_METHODS, attrs={_patch.QUANTIZER_ATTR: quantizer})
-    vae.register_to_config(**{CONFIG_KEY: cfg})
+    weights = {"tdc_weight": _patch.check_weight("tdc_weight", tdc_weight), "host_kl_weight": None}
+    saved = {LOAD_NOTE_KEY: LOAD_NOTE, **quantizer.settings.to_dict()}  # the one serialisation (GQConfig)
+    if host_kl_weight is not None:
+        weights["host_kl_weight"] = _patch.check_weight("host_kl_weight", host_kl_weight)
+        saved.update(weights)  # saved with the model, re-applied by patch_from_config
+    _patch.install(vae, "diffusers", methods=_METHODS, attrs={_patch.QUANTIZER_ATTR: quantizer}, data=weights)
+    vae.register_to_config(**{CONFIG_KEY: saved})
     return vae
 
 
@@ -174,23 +200,27 @@ def gq_config(vae) -> dict | None:
 def patch_from_config(vae, config: dict | None = None):
     """Re-apply the GQ patch described by ``vae.config["gq"]`` (e.g. after ``from_pretrained``).
 
-    Only the settings are restored here; TDC multipliers come from the weights
-    (:func:`load_pretrained_gq_vae` does both).
+    ``config`` is :meth:`GQConfig.to_dict` output (or the flat format-1 dict of gq-plugin <= 0.1),
+    validated by :meth:`GQConfig.from_dict`. Only the settings are restored here; TDC multipliers
+    come from the weights (:func:`load_pretrained_gq_vae` does both).
     """
     cfg = dict(config if config is not None else (gq_config(vae) or {}))
     if not cfg:
         raise ValueError(f"no '{CONFIG_KEY}' entry in the model config: this checkpoint was not saved from a GQ-patched VAE")
-    fmt = cfg.pop("format", CONFIG_FORMAT)
-    if fmt > CONFIG_FORMAT:
-        raise ValueError(f"GQ config format {fmt} is newer than this gq-plugin understands ({CONFIG_FORMAT})")
-    K = cfg.pop("codebook_size")
-    m = cfg.pop("codebook_dim")
-    for k in ("lam_max_range", "lam_min_range", "lam_global_range", "logvar_range"):
-        if k in cfg and isinstance(cfg[k], list):
-            cfg[k] = tuple(cfg[k])
+    cfg.pop(LOAD_NOTE_KEY, None)
+    weights = {k: cfg.pop(k) for k in ("tdc_weight", "host_kl_weight") if k in cfg}
+    if cfg.get("check_finite") is False:  # loading never silently turns the NaN/inf checks off
+        warnings.warn(f"model config '{CONFIG_KEY}': check_finite=false is ignored on load (NaN/inf inputs keep raising); "
+                      "set quantizer.check_finite = False in code to trade the check for a host sync", RuntimeWarning, stacklevel=2)
+        cfg["check_finite"] = True
+    channels = _latent_channels(vae)
+    cfg.setdefault("dim", channels)  # format 1 did not store it
+    settings = GQConfig.from_dict(cfg)
+    if settings.dim != channels:
+        raise ValueError(f"config['{CONFIG_KEY}'] is for {settings.dim} latent channels, this model has {channels}")
     if _patch.is_patched(vae):
         unpatch(vae)
-    return patch_autoencoder_kl(vae, K=K, m=m, **cfg)
+    return patch_autoencoder_kl(vae, **_patch.to_patch_kwargs(settings.flat()), **weights)
 
 
 @contextmanager
@@ -234,6 +264,21 @@ def _read_prefixed_state(directory: str, prefix: str, variant: str | None) -> di
     return out
 
 
+def _check_bin_weights(directory: str, variant: str | None) -> None:
+    """A legacy ``.bin`` weights file (no safetensors next to it) must hold tensors only: it is
+    opened with ``torch.load(weights_only=True)`` first, and anything else (a pickle with code, a
+    torn file) is refused with one clear ``ValueError``."""
+    stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
+    bin_file = os.path.join(directory, f"{stem}.bin")
+    if os.path.isfile(os.path.join(directory, f"{stem}.safetensors")) or not os.path.isfile(bin_file):
+        return
+    try:
+        torch.load(bin_file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError (code refused), EOFError, RuntimeError (torn zip)
+        msg = " ".join(str(exc).split())[:160]
+        raise ValueError(f"{bin_file} is not a plain weights file, refusing to load it ({type(exc).__name__}: {msg})") from None
+
+
 def load_pretrained_gq_vae(path: str, subfolder: str | None = None, variant: str | None = None, cls=None, **kwargs):
     """``AutoencoderKL.from_pretrained`` + re-patch from ``config["gq"]`` + restore the GQ buffers.
 
@@ -245,10 +290,11 @@ def load_pretrained_gq_vae(path: str, subfolder: str | None = None, variant: str
     cls = cls or AutoencoderKL
     if not os.path.isdir(path):
         raise ValueError(f"{path!r} is not a local directory (download Hub checkpoints first)")
+    directory = os.path.join(path, subfolder) if subfolder else path
+    _check_bin_weights(directory, variant)
     with _quiet_diffusers():  # the 'gq' config key and gq_quantizer.* weights are expected extras
         vae = cls.from_pretrained(path, subfolder=subfolder, variant=variant, **kwargs)
     patch_from_config(vae)
-    directory = os.path.join(path, subfolder) if subfolder else path
     prefix = _patch.QUANTIZER_ATTR + "."
     state = _read_prefixed_state(directory, prefix, variant)
     if not state:
@@ -260,94 +306,16 @@ def load_pretrained_gq_vae(path: str, subfolder: str | None = None, variant: str
 # --------------------------------------------------------------------------- settings helper
 
 
-@dataclass
-class GQSetting:
-    """One ``(K, m)`` choice for a model and what it costs."""
-
-    codebook_dim: int  # m
-    log2_codebook_size: int
-    num_codebooks: int  # per latent position
-    bits_per_token: int
-    bits_per_channel: float
-    bpp: float
-    tokens_per_image: int
-    bits_per_image: int
-    recommended: bool
-    note: str
-
-    @property
-    def codebook_size(self) -> int:
-        return 2**self.log2_codebook_size
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d["codebook_size"] = self.codebook_size
-        return d
-
-
-class GQSettings(list):
-    """A list of :class:`GQSetting` with a Markdown :meth:`table`."""
-
-    def table(self, only_recommended: bool = False) -> str:
-        rows = [
-            "| m | K | codebooks/token | bits/token | bits/channel | bpp | bits/image | recommended | note |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for s in self:
-            if only_recommended and not s.recommended:
-                continue
-            rows.append(
-                f"| {s.codebook_dim} | 2^{s.log2_codebook_size} | {s.num_codebooks} | {s.bits_per_token} | "
-                f"{s.bits_per_channel:g} | {s.bpp:g} | {s.bits_per_image} | {'yes' if s.recommended else 'no'} | {s.note} |"
-            )
-        return "\n".join(rows)
-
-
-def suggest_gq_settings(vae, image_size: int = 256, log2_codebook_sizes=(8, 10, 12, 14, 16, 18)) -> GQSettings:
-    """List the ``(K, m)`` pairs for a diffusers ``AutoencoderKL`` (or its config) and their rates.
-
-    For every ``m`` dividing ``latent_channels`` and every ``K = 2**k`` in
-    ``log2_codebook_sizes``: bits per latent position (``C/m * log2 K``), bits per channel,
-    bits per pixel for the model's downsampling factor ``f = 2**(len(block_out_channels) - 1)``
-    and bits per ``image_size`` x ``image_size`` image. ``recommended`` marks the paper's operating
-    range: 0.5 to 4 bits per channel and ``K <= 2**18`` (search cost grows with ``K * m``). Sorted
-    by bpp, then by larger ``m`` (at equal bits the paper's ablation favours larger ``m``).
-    This is a static table; for a data-driven choice measure channel rates and use
-    :func:`gq_plugin.recommend_codebook`.
+def suggest_gq_settings(vae, image_size: int = 256, log2_codebook_sizes=(8, 10, 12, 14, 16, 18)) -> CodebookOptions:
+    """:func:`gq_plugin.rate.codebook_options` for a diffusers ``AutoencoderKL`` (or its config):
+    its ``latent_channels``, downsampling factor ``f = 2**(len(block_out_channels) - 1)`` and an
+    ``image_size`` x ``image_size`` image. For a choice from measured channel rates use
+    :func:`gq_plugin.recommend_codebook` (``gq diagnose``).
 
     >>> # SD3 (f8, 16 ch): m=16, K=2^16 -> 0.25 bpp; m=8 -> 0.5 bpp; m=4 -> 1.0 bpp
     """
     config = vae.config if hasattr(vae, "config") else vae
-    channels = int(config["latent_channels"])
     factor = 2 ** (len(config["block_out_channels"]) - 1)
     side = image_size // factor
-    tokens = side * side
-    out = GQSettings()
-    for m in divisors(channels):
-        for k in log2_codebook_sizes:
-            g = channels // m
-            bits = g * k
-            per_channel = k / m
-            ok = 0.5 <= per_channel <= 4.0 and k <= 18
-            if per_channel > 4.0:
-                note = "many bits per channel: a larger m is usually better at this rate"
-            elif per_channel < 0.5:
-                note = "under 0.5 bit per channel: expect a large TDC fine-tune / quality loss"
-            else:
-                note = ""
-            out.append(
-                GQSetting(
-                    codebook_dim=m,
-                    log2_codebook_size=k,
-                    num_codebooks=g,
-                    bits_per_token=bits,
-                    bits_per_channel=per_channel,
-                    bpp=bits / (factor * factor),
-                    tokens_per_image=tokens,
-                    bits_per_image=bits * tokens,
-                    recommended=ok,
-                    note=note,
-                )
-            )
-    out.sort(key=lambda s: (s.bpp, -s.codebook_dim))
-    return out
+    return codebook_options(int(config["latent_channels"]), log2_codebook_sizes, pixels_per_token=factor * factor,
+                            tokens_per_image=side * side)

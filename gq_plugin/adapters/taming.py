@@ -5,8 +5,12 @@
 ``get_codebook_entry(indices, shape=(B, H, W, C)) -> (B, C, H, W)``, but ``z`` carries
 ``2 * e_dim`` channels (mean || logvar): GQ needs a Gaussian posterior.
 
-Training: ``z_q`` is the reparameterised sample, ``loss`` the TDC loss (``VQModel``'s loss adds
-``codebook_weight * loss``), indices ``None`` (unless ``search_in_train=True``). Eval: ``z_q`` the GQ
+Training: ``z_q`` is the reparameterised sample, ``loss`` the TDC loss **normalised per latent
+element** (``loss_reduction="element"``: ``lam * mean over batch, positions and groups of
+w_g * R_g / m``, bits per latent channel -- about ``log2 K / m`` at the target), so
+``VQModel``'s ``codebook_weight * loss`` (default weight 1) sits next to its mean reconstruction
+loss without retuning (``"group"``: bits per sub-codebook; ``"sum"``: the paper's summed scale);
+indices ``None`` (unless ``search_in_train=True``). Eval: ``z_q`` the GQ
 latent, ``loss`` 0, ``perplexity`` the codebook perplexity of the batch, ``min_encodings`` ``None``
 (a one-hot ``N x K`` matrix is not materialised), indices flat ``(B*H*W*G,)`` ordered
 ``(b, h, w, g)`` -- or ``(B, H, W)`` / ``(B, H, W, G)`` with ``sane_index_shape=True``.
@@ -26,7 +30,7 @@ from torch import nn
 
 from ..codebook import ungroup_channels
 from ..quantizer import GaussianQuantizer
-from . import _patch
+from . import _patch, _stepping
 
 
 class GaussianVectorQuantizer(nn.Module):
@@ -39,13 +43,21 @@ class GaussianVectorQuantizer(nn.Module):
             commitment loss).
         remap: not supported (GQ indices already index the full fixed codebook).
         sane_index_shape: return indices ``(B, H, W[, G])`` instead of flat.
+        loss_reduction: ``"element"`` (default), ``"group"`` or ``"sum"`` (module docstring).
         codebook_dim: m channels per sub-codebook (default ``e_dim``).
-        **gq_kwargs: :class:`~gq_plugin.GaussianQuantizer` keywords.
+        **gq_kwargs: :class:`~gq_plugin.GaussianQuantizer` keywords. Without ``tdc_auto_step`` the
+            TDC multipliers move once per autoencoder optimizer step, also inside ``VQModel``'s own
+            Lightning ``training_step`` whose discriminator pass runs this quantizer too
+            (:mod:`gq_plugin.adapters._stepping`).
     """
 
     def __init__(self, n_e: int, e_dim: int, beta: float = 0.25, remap=None, unknown_index="random",
-                 sane_index_shape: bool = False, legacy: bool = True, codebook_dim: int | None = None, **gq_kwargs) -> None:
+                 sane_index_shape: bool = False, legacy: bool = True, codebook_dim: int | None = None,
+                 loss_reduction: str = "element", **gq_kwargs) -> None:
         super().__init__()
+        if loss_reduction not in ("element", "group", "sum"):
+            raise ValueError(f"loss_reduction must be 'element', 'group' or 'sum', got {loss_reduction!r}")
+        self.loss_reduction = loss_reduction
         if remap is not None:
             raise ValueError("GaussianVectorQuantizer does not support remap: GQ indices index the full fixed codebook")
         self.n_e = n_e
@@ -55,6 +67,7 @@ class GaussianVectorQuantizer(nn.Module):
         self.remap = None
         self.sane_index_shape = sane_index_shape
         self.gq = GaussianQuantizer(e_dim, n_e, codebook_dim, accept_image_fmap=True, **gq_kwargs)
+        _stepping.configure(self.gq, gq_kwargs)
 
     @property
     def re_embed(self) -> int:
@@ -73,6 +86,10 @@ class GaussianVectorQuantizer(nn.Module):
         if temp not in (None, 1.0) or rescale_logits or return_logits:
             raise ValueError("temp / rescale_logits / return_logits exist only for interface compatibility with GumbelQuantize")
         z_q, idx, loss = self.gq(z)
+        # the core loss is lam * mean over batch of sum over (positions, groups)
+        if self.loss_reduction != "sum":
+            per = self.gq.dim if self.loss_reduction == "element" else self.gq.num_codebooks
+            loss = loss / (z.shape[-2] * z.shape[-1] * per)
         perplexity = None
         if idx is not None:
             if not self.training:
@@ -140,6 +157,7 @@ def patch_taming_vqmodel(model, K: int | None = None, m: int | None = None, logv
     new_conv = _widen_quant_conv(old_conv, logvar_init)
     sane = bool(getattr(old_q, "sane_index_shape", False))
     gq = GaussianVectorQuantizer(K, embed_dim, sane_index_shape=sane, codebook_dim=m, **gq_kwargs).to(new_conv.weight.device)
+    gq.train(bool(getattr(model, "training", True)))
     _patch.install(model, "taming", attrs={"quant_conv": new_conv, "quantize": gq}, quantizer="quantize")
     return model
 

@@ -21,11 +21,13 @@ from ._patch import is_patched, quantizer_of
 
 
 class GQAutoencoderOutput(NamedTuple):
+    """What :class:`GQAutoencoderWrapper` returns (one output type for every bottleneck)."""
+
     sample: torch.Tensor  # reconstruction
-    loss: torch.Tensor  # TDC loss (scalar); 0 in eval
-    indices: torch.Tensor | None  # GQ indices (eval, or training with return_indices=True)
+    loss: torch.Tensor  # the bottleneck's loss, scalar: TDC (GQ train), 0 (GQ eval), KL bits, a quantizer's aux loss
+    indices: torch.Tensor | None  # indices (GQ eval, or training with return_indices_in_train=True)
     latents: torch.Tensor  # what the decoder saw: reparameterised sample (train) / z_hat (eval)
-    posterior: Any  # the GQ posterior (mean, logvar, rates(), ...)
+    posterior: Any  # the encoder's posterior (GQ: mean, logvar, rates(), ...)
 
 
 def _posterior_of(encoded):
@@ -45,32 +47,44 @@ def _sample_of(decoded):
 
 
 class GQAutoencoderWrapper(nn.Module):
-    """Route encode -> posterior -> (train: sample, TDC | eval: GQ) -> decode through ``forward``.
+    """Route encode -> posterior -> bottleneck -> decode through ``forward``.
 
-    Works with models patched by :func:`patch_autoencoder_kl` / :func:`patch_sd3_vae` (diffusers)
-    and :func:`patch_ldm_autoencoder` (ldm-style).
+    Default bottleneck (``bottleneck=None``): the GQ posterior of a model patched by
+    :func:`patch_autoencoder_kl` / :func:`patch_sd3_vae` (diffusers) or :func:`patch_ldm_autoencoder`
+    (ldm-style): training uses ``posterior.sample()`` and the TDC loss ``posterior.kl().mean()``,
+    eval the GQ latent and its indices. Any other bottleneck over the encoder's posterior (a plain
+    KL VAE, a baseline quantizer on the mean) is a module
+    ``bottleneck(posterior, generator) -> (latents, loss, indices)``; its parameters train with the model.
     """
 
-    def __init__(self, model: nn.Module, return_indices_in_train: bool = False) -> None:
+    def __init__(self, model: nn.Module, return_indices_in_train: bool = False, bottleneck: nn.Module | None = None) -> None:
         super().__init__()
-        if not is_patched(model):
-            raise ValueError("GQAutoencoderWrapper needs a GQ-patched model (patch_autoencoder_kl / patch_ldm_autoencoder)")
+        if bottleneck is None and not is_patched(model):
+            raise ValueError("GQAutoencoderWrapper needs a GQ-patched model (patch_autoencoder_kl / patch_ldm_autoencoder) "
+                             "or a bottleneck")
         self.model = model
+        self.bottleneck = bottleneck
         self.return_indices_in_train = return_indices_in_train
 
     @property
     def quantizer(self):
+        """The GQ quantizer of the patched model, or the bottleneck's ``quantizer`` (None if it has none)."""
+        if self.bottleneck is not None:
+            return getattr(self.bottleneck, "quantizer", None)
         return quantizer_of(self.model)
+
+    def _gq(self, posterior, generator):
+        if self.training:
+            indices = posterior.indices if self.return_indices_in_train else None
+            # unscaled: the host-KL-weight compensation belongs in kl() only
+            return posterior.sample(generator), posterior.tdc_loss(), indices
+        return posterior.mode(), torch.zeros((), device=posterior.mean.device), posterior.indices
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> GQAutoencoderOutput:
         posterior = _posterior_of(self.model.encode(x))
-        if self.training:
-            z = posterior.sample(generator)
-            loss = posterior.kl().mean()
-            indices = posterior.indices if self.return_indices_in_train else None
+        if self.bottleneck is None:
+            z, loss, indices = self._gq(posterior, generator)
         else:
-            z = posterior.mode()
-            loss = torch.zeros((), device=x.device)
-            indices = posterior.indices
+            z, loss, indices = self.bottleneck(posterior, generator)
         recon = _sample_of(self.model.decode(z))
         return GQAutoencoderOutput(recon, loss, indices, z, posterior)

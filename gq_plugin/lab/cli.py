@@ -6,7 +6,8 @@
     gq diagnose MODEL_DIR         per-channel rates -> recommended (K, m) + measured conversion loss
     gq data fetch [--set small]   download real photos from Debian packages / wheels into the cache
     gq encode IMG... --model DIR -o FILE.gqt   images -> bit-packed token file
-    gq decode FILE.gqt --model DIR -o OUT.png  token file -> images
+    gq decode FILE.gqt --model DIR -o OUT.png  token file (or one shard of `gq tokenize`) -> images
+    gq tokenize MODEL SOURCE... --out DIR      image folder / tar shards -> sharded token files + manifest
     gq recipes                    list the bundled recipes
 """
 
@@ -38,23 +39,19 @@ def _cmd_eval(args) -> int:
 def _cmd_diagnose(args) -> int:
     from .codec import load_image
     from .diagnose import diagnose, format_report
-    from .models import build_autoencoder_kl, downsampling_factor
+    from .models import build_autoencoder_kl, downsampling_factor, resolve_model_dir
 
     import torch
 
-    d = Path(args.model)
-    vae = build_autoencoder_kl({"pretrained": str(d / "vae" if (d / "vae").is_dir() else d)})
+    vae = build_autoencoder_kl({"pretrained": resolve_model_dir(args.model, "MODEL_DIR")})
     f = downsampling_factor(vae)
     if args.images:
-        paths = args.images
+        imgs = torch.stack([load_image(p, args.size, f) for p in args.images[: args.max_images]])
     else:
         from .data import PhotoDataset, default_data_dir
 
         ds = PhotoDataset(args.data or default_data_dir(), split="eval", size=args.size)
         imgs = torch.stack([ds[i] if not isinstance(ds[i], (tuple, list)) else ds[i][0] for i in range(min(len(ds), args.max_images))])
-        paths = None
-    if paths is not None:
-        imgs = torch.stack([load_image(p, args.size, f) for p in paths[: args.max_images]])
     res = diagnose(vae, imgs, out_dir=args.out, max_log2_codebook_size=args.max_log2k, progress=not args.quiet)
     print(format_report(res))
     if args.out:
@@ -63,9 +60,9 @@ def _cmd_diagnose(args) -> int:
 
 
 def _cmd_data(args) -> int:
-    from .data import fetch_main
+    from .data import run_data
 
-    return int(fetch_main(args.rest) or 0)
+    return int(run_data(args) or 0)
 
 
 def _cmd_encode(args) -> int:
@@ -80,8 +77,21 @@ def _cmd_encode(args) -> int:
 def _cmd_decode(args) -> int:
     from .codec import decode_file
 
-    for p in decode_file(args.model, args.tokens, args.output, force=args.force):
+    paths = decode_file(args.model, args.tokens, args.output, force=args.force, max_images=args.max_images, batch_size=args.batch_size)
+    for p in paths:
         print(p)
+    return 0
+
+
+def _cmd_tokenize(args) -> int:
+    from .tokenize_dataset import tokenize
+
+    info = tokenize(args.model, args.source, args.out, size=args.size, batch_size=args.batch_size, workers=args.workers,
+                    shard_size=args.shard_size, progress=not args.quiet)
+    if info.get("manifest"):
+        print(f"{info['manifest']}: {info['num_images']} image(s) in {info['num_shards']} shard(s); "
+              f"this process wrote {info['written_shards']} shard(s) ({info['written_images']} images, {info['images_per_s']:.1f} images/s), "
+              f"skipped {info['skipped_shards']} finished")
     return 0
 
 
@@ -112,68 +122,92 @@ def _cmd_demo(args) -> int:
     print(f"trained {logs.get('train_time_s', 0):.0f} s; checkpoint {logs['checkpoint']}")
     res = evaluate(args.recipe, logs["checkpoint"], out_dir=Path(out) / "eval", overrides=overrides, progress=not args.quiet)
     print(res["table"])
-    print(f"\nreconstructions: {res['out_dir']}/recon_grid.png; rates: {out}/rates_hist.png")
+    print(f"\ncheckpoint: {out}/final (use it with gq eval / diagnose / encode / tokenize)\n"
+          f"metrics: {res['out_dir']}/eval.md, eval.json; reconstructions: {res['out_dir']}/recon_grid.png; rates: {out}/rates_hist.png")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``gq`` argument parser (every option has a help text)."""
+    from .data import add_data_commands
+
     p = argparse.ArgumentParser(prog="gq", description="Gaussian Quant: Gaussian VAE -> VQ-VAE (arXiv 2512.06609)")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    quiet = {"action": "store_true", "help": "no progress bars"}
 
     t = sub.add_parser("train", help="fine-tune with TDC (or a baseline quantizer) from a recipe")
     t.add_argument("recipe", help="recipe YAML path or bundled name (see `gq recipes`)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
-    t.add_argument("--resume", default=None, help="checkpoint dir, or 'latest'")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--resume", default=None, help="checkpoint dir, or 'latest' (the newest checkpoint-<step> in train.output_dir)")
+    t.add_argument("--quiet", **quiet)
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate continuous VAE vs GQ")
-    e.add_argument("recipe")
-    e.add_argument("ckpt", help="checkpoint dir (or its vae/ / a save_pretrained dir)")
-    e.add_argument("overrides", nargs="*")
-    e.add_argument("--out", default=None)
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("recipe", help="recipe YAML path or bundled name the checkpoint was trained with")
+    e.add_argument("ckpt", metavar="CKPT", help="checkpoint dir (e.g. runs/demo/final), its vae/, or a save_pretrained dir")
+    e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.max_images=32")
+    e.add_argument("--out", default=None, help="output folder for eval.md, eval.json, recon_grid.png (default: <train.output_dir>/eval)")
+    e.add_argument("--quiet", **quiet)
     e.set_defaults(func=_cmd_eval)
 
     d = sub.add_parser("diagnose", help="rate histogram of a VAE -> recommended K, m")
-    d.add_argument("model", help="save_pretrained dir of a diffusers AutoencoderKL (GQ-patched or not)")
+    d.add_argument("model", metavar="MODEL_DIR", help="save_pretrained dir of a diffusers AutoencoderKL, or a checkpoint dir such as runs/demo/final "
+                                                       "(a GQ-patched model is measured with its own K and m)")
     d.add_argument("--images", nargs="*", default=None, help="image files (default: eval photos from the cache)")
-    d.add_argument("--data", default=None)
-    d.add_argument("--size", type=int, default=64)
-    d.add_argument("--max-images", type=int, default=64)
-    d.add_argument("--max-log2k", type=int, default=18)
-    d.add_argument("--out", default=None)
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--data", default=None, help="photo folder for the default images (default: the `gq data fetch` cache)")
+    d.add_argument("--size", type=int, default=64, help="resize + centre-crop side in pixels")
+    d.add_argument("--max-images", type=int, default=64, help="use at most this many images")
+    d.add_argument("--max-log2k", type=int, default=18, help="largest log2 K to recommend (search cost grows linearly with K)")
+    d.add_argument("--out", default=None, help="also write diagnose.md, diagnose.json, diagnose_rates.png here")
+    d.add_argument("--quiet", **quiet)
     d.set_defaults(func=_cmd_diagnose)
 
-    da = sub.add_parser("data", help="photo data: `gq data fetch --help`")
-    da.add_argument("rest", nargs=argparse.REMAINDER)
+    da = sub.add_parser("data", help="real photos: `gq data fetch`, `gq data list`",
+                        description="Real photos that install offline (Debian packages, wheels).")
+    add_data_commands(da)
     da.set_defaults(func=_cmd_data)
 
     en = sub.add_parser("encode", help="images -> .gqt token file")
-    en.add_argument("images", nargs="+")
-    en.add_argument("--model", required=True)
-    en.add_argument("-o", "--output", required=True)
+    en.add_argument("images", nargs="+", help="image files (all end up the same size in one file)")
+    en.add_argument("--model", required=True, help="GQ model dir (save_pretrained, or a checkpoint dir such as runs/demo/final)")
+    en.add_argument("-o", "--output", required=True, help="token file to write (.gqt)")
     en.add_argument("--size", type=int, default=256, help="resize+centre-crop side (0: keep size, crop to a multiple of the factor)")
     en.set_defaults(func=_cmd_encode)
 
-    de = sub.add_parser("decode", help=".gqt token file -> PNG")
-    de.add_argument("tokens")
-    de.add_argument("--model", required=True)
-    de.add_argument("-o", "--output", required=True)
+    de = sub.add_parser("decode", help=".gqt token file (or a `gq tokenize` shard) -> PNG")
+    de.add_argument("tokens", help=".gqt file from `gq encode`, or a shard-*.gqt from `gq tokenize`")
+    de.add_argument("--model", required=True, help="the GQ model dir the tokens were made with")
+    de.add_argument("-o", "--output", required=True, help="PNG path; several images are written as <stem>_<i>.png")
     de.add_argument("--force", action="store_true", help="decode even if the file was made with other weights")
+    de.add_argument("--max-images", type=int, default=None, help="decode only the first N images of the file")
+    de.add_argument("--batch-size", type=int, default=16, help="images per decoder call")
     de.set_defaults(func=_cmd_decode)
+
+    tk = sub.add_parser("tokenize", help="a whole dataset -> sharded token files + manifest (resumable, multi-process)",
+                        description="Encode every image of SOURCE into bit-packed token shards DIR/shard-XXXXXX.gqt plus DIR/manifest.json. "
+                                    "Re-running skips finished shards; under `accelerate launch` each rank writes its own shards.")
+    tk.add_argument("model", metavar="MODEL", help="GQ model dir (save_pretrained, or a checkpoint dir such as runs/demo/final)")
+    tk.add_argument("source", metavar="SOURCE", nargs="+", help="image folder (searched recursively), or webdataset-style .tar shards / a glob of them")
+    tk.add_argument("--out", required=True, help="output folder for shard-*.gqt and manifest.json")
+    tk.add_argument("--size", type=int, default=256, help="resize (short side) + centre-crop side in pixels")
+    tk.add_argument("--batch-size", type=int, default=16, help="images per encoder call")
+    tk.add_argument("--workers", type=int, default=2, help="DataLoader worker processes that read and resize images")
+    tk.add_argument("--shard-size", type=int, default=1000, help="images per shard file (a killed run loses at most one shard per process)")
+    tk.add_argument("--quiet", **quiet)
+    tk.set_defaults(func=_cmd_tokenize)
 
     r = sub.add_parser("recipes", help="list bundled recipes")
     r.set_defaults(func=_cmd_recipes)
 
-    dm = sub.add_parser("demo", help="the main job: fetch photos, train tiny_cpu, evaluate")
-    dm.add_argument("overrides", nargs="*")
-    dm.add_argument("--recipe", default="tiny_cpu")
-    dm.add_argument("--data", default=None)
-    dm.add_argument("--set", default="small")
-    dm.add_argument("--out", default=None)
-    dm.add_argument("--quiet", action="store_true")
+    dm = sub.add_parser("demo", help="the main job: fetch photos, train tiny_cpu, evaluate",
+                        description="Fetch photos, fine-tune a recipe with TDC, evaluate continuous VAE vs GQ. "
+                                    "Writes OUT/final (the checkpoint), OUT/eval/ (eval.md, eval.json, recon_grid.png), OUT/rates_hist.png.")
+    dm.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. train.steps=100")
+    dm.add_argument("--recipe", default="tiny_cpu", help="recipe name or YAML path")
+    dm.add_argument("--data", default=None, help="photo folder (default: the `gq data fetch` cache, fetched if missing)")
+    dm.add_argument("--set", default="small", help="photo set to fetch when the cache is empty (see `gq data list`)")
+    dm.add_argument("--out", default=None, help="output folder (default: runs/demo)")
+    dm.add_argument("--quiet", **quiet)
     dm.set_defaults(func=_cmd_demo)
     return p
 
@@ -182,8 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except FloatingPointError as e:  # train.TrainingDiverged: non-finite weights, nothing saved
         print(f"gq {args.cmd}: error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:  # bad input (incl. FileNotFoundError, IsADirectoryError): one line, exit 2
+        print(f"gq {args.cmd}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

@@ -14,22 +14,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..quantizer import GQConfig
+
 DEFAULTS = {
     "name": "recipe",
     "seed": 0,
-    "model": {"family": "diffusers_autoencoder_kl", "pretrained": None, "subfolder": None, "config": {}, "train_encoder": True, "train_decoder": True},
-    "quantizer": {
-        "name": "gq",
-        "codebook_size": 4096,
-        "codebook_dim": 16,
-        "grouping": "contiguous",
-        "codebook": "sobol",
-        "seed": 42,
-        "beta": 1.0,
-        "tolerance": 0.5,
-        "lam_factor": 1.01,
-        "weight": 0.1,
-    },
+    "model": {"pretrained": None, "subfolder": None, "config": {}, "train_encoder": True, "train_decoder": True},
+    # the other GQ/TDC settings (grouping, seed, beta, tolerance, lam_factor, search_backend, ...)
+    # take their names and defaults from gq_plugin.quantizer.GQConfig
+    "quantizer": {"name": "gq", "codebook_size": 4096, "codebook_dim": 16, "weight": 0.1},
     "loss": {"l1": 1.0, "lpips": 0.0, "lpips_net": "alex", "disc": {"enabled": False, "start_step": 0, "weight": 0.5, "channels": 64, "layers": 3}},
     "optim": {"lr": 1e-4, "betas": [0.5, 0.9], "weight_decay": 0.0, "grad_clip": 1.0},
     "train": {
@@ -45,7 +38,7 @@ DEFAULTS = {
         "save_rank_states": False,
     },
     "data": {"root": None, "size": 64, "resize": None, "scale_range": None, "crops_per_image": 1, "eval_crops_per_image": 1,
-             "eval_fraction": 0.15, "split_seed": 0, "cache": True, "fetch_set": "small"},
+             "eval_fraction": 0.15, "split_seed": 0, "cache": True},
     "eval": {"batch_size": 16, "max_images": 256, "grid_images": 8, "lpips": True, "distribution": True},
 }
 
@@ -89,16 +82,36 @@ def load_config(cfg: DictConfig | dict | str | os.PathLike, overrides: list[str]
     return merged
 
 
+#: baseline quantizer arguments a recipe's ``quantizer`` section may carry (registry builders)
+BASELINE_KEYS = ("bits_per_token", "levels", "bits", "aux_weight", "kmeans_init", "decay", "commitment_weight",
+                 "entropy_loss_weight", "frac_per_sample_entropy", "scale", "quant_min", "quant_max", "std_range")
+
+
+def gq_recipe_settings(qcfg) -> dict:
+    """The GQ settings a recipe's ``quantizer`` section sets (GQConfig names, None dropped)."""
+    names = set(GQConfig.names()) - {"dim", "codebook_size", "codebook_dim"}
+    return {k: qcfg[k] for k in qcfg if k in names and qcfg[k] is not None}
+
+
 def _validate(cfg: DictConfig) -> None:
-    for section in ("quantizer", "loss", "optim", "train", "data", "eval"):
-        unknown = set(cfg[section].keys()) - set(DEFAULTS[section].keys())
+    for section in ("model", "quantizer", "loss", "optim", "train", "data", "eval"):
+        valid = set(DEFAULTS[section])
         if section == "quantizer":
-            unknown -= {"lam_max_range", "lam_min_range", "lam_global_range", "tdc_rule", "tdc_quantile", "bits_per_token", "levels", "bits", "aux_weight",
-                        "kmeans_init", "decay", "commitment_weight", "entropy_loss_weight", "search_backend",
-                        "frac_per_sample_entropy", "scale", "quant_min", "quant_max", "std_range"}
+            valid |= set(GQConfig.names()) | set(BASELINE_KEYS)
+        unknown = set(cfg[section].keys()) - valid
         if unknown:
-            raise ValueError(f"unknown key(s) in {section}: {sorted(unknown)}; valid: {sorted(DEFAULTS[section])}")
+            raise ValueError(f"unknown key(s) in {section}: {sorted(unknown)}; valid: {sorted(valid)}")
+    q = cfg.quantizer
+    if q.name == "gq":  # the settings are checked by GQConfig, the one place that validates them
+        channels = (cfg.model.get("config") or {}).get("latent_channels") or q.codebook_dim
+        try:
+            GQConfig.from_dict({"dim": int(channels), "codebook_size": q.codebook_size, "codebook_dim": q.codebook_dim,
+                                **OmegaConf.to_container(OmegaConf.create(gq_recipe_settings(q)))})
+        except ValueError as e:
+            raise ValueError(f"quantizer: {e}") from None
     if int(cfg.train.steps) < 1:
         raise ValueError(f"train.steps must be >= 1, got {cfg.train.steps}")
     if int(cfg.train.batch_size) < 1:
         raise ValueError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
+    if int(cfg.data.size) < 1:  # an H = W = 0 crop would only fail deep inside the model
+        raise ValueError(f"data.size must be >= 1, got {cfg.data.size}")

@@ -23,8 +23,10 @@ import torch
 from omegaconf import DictConfig
 
 from ..rate import BandStats, band_statistics
-from .config import load_config
-from .models import QuantizedAutoencoderWrapper, build_model, gq_settings, pixels_per_token
+from ..tdc import TDCSettings
+from .config import gq_recipe_settings, load_config
+from .metrics.image import MS_SSIM_MIN_SIZE
+from .models import QuantizerBottleneck, build_model, pixels_per_token
 
 METRIC_ORDER = ("PSNR", "SSIM", "MS-SSIM", "LPIPS-alex", "FD-EffNetLite0", "KID-EffNetLite0")
 
@@ -35,14 +37,14 @@ def load_for_eval(cfg: DictConfig, ckpt: str | os.PathLike | None):
     from ..adapters import is_patched, patch_autoencoder_kl
 
     if ckpt is not None:
-        ckpt = Path(ckpt)
-        vae_dir = ckpt / "vae" if (ckpt / "vae").is_dir() else ckpt
-        cfg.model.pretrained = str(vae_dir)
+        from .models import resolve_model_dir
+
+        cfg.model.pretrained = resolve_model_dir(ckpt, "CKPT")
     vae, wrapper = build_model(cfg)
     converted = False
     q = cfg.quantizer
-    if not isinstance(wrapper, QuantizedAutoencoderWrapper) and not is_patched(vae):
-        gq = dict(gq_settings(q))
+    if not isinstance(wrapper.bottleneck, QuantizerBottleneck) and not is_patched(vae):
+        gq = gq_recipe_settings(q)
         eval_q = cfg.get("eval", {}).get("gq") or {}
         K = int(eval_q.get("codebook_size", q.get("codebook_size", 4096)))
         m = int(eval_q.get("codebook_dim", q.get("codebook_dim", vae.config.latent_channels)))
@@ -57,7 +59,7 @@ def load_for_eval(cfg: DictConfig, ckpt: str | os.PathLike | None):
 @torch.no_grad()
 def reconstruct(vae, wrapper, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{"continuous": ..., "quantized": ..., "indices": ..., "rates": ...}`` for a batch."""
-    if isinstance(wrapper, QuantizedAutoencoderWrapper):
+    if isinstance(wrapper.bottleneck, QuantizerBottleneck):
         posterior = vae.encode(x).latent_dist
         cont = vae.decode(posterior.mean).sample
         out = wrapper(x)
@@ -75,7 +77,6 @@ def evaluate(cfg, ckpt=None, out_dir=None, overrides: list[str] | None = None, p
     from tqdm.auto import tqdm
 
     from .metrics import MetricSuite
-    from .metrics.codebook import codebook_stats
     from .plots import plot_rate_histogram, save_grid
     from .train import build_datasets
 
@@ -111,18 +112,10 @@ def evaluate(cfg, ckpt=None, out_dir=None, overrides: list[str] | None = None, p
     results = {k: s.compute() for k, s in suites.items()}
     q = getattr(vae, "gq_quantizer", None) or getattr(wrapper, "quantizer", None)
     K = int(getattr(q, "codebook_size", 0) or 0)
-    info = {"converted_from_vanilla": converted, "checkpoint": str(ckpt) if ckpt else None, "n_images": n}
-    if all_idx and K:
-        idx = torch.cat([i.reshape(-1) for i in all_idx])
-        info["codebook"] = codebook_stats(idx, K)
-    ppt = pixels_per_token(vae)
-    if q is not None and hasattr(q, "bits_per_token"):
-        info["bpp"] = float(q.bits_per_token) / ppt
-    if all_rates:
-        r = torch.cat([t.reshape(-1) for t in all_rates])
-        info["rates"] = {"mean": float(r.mean()), "min": float(r.min()), "max": float(r.max()), "std": float(r.std())}
-        if K:  # shares of (token, group) rates in the band log2 K +- alpha / over / under budget, quantiles
-            info["band"] = band_statistics(r, math.log2(K), _tolerance(q, cfg)).to_json()
+    info = {"converted_from_vanilla": converted, "checkpoint": str(ckpt) if ckpt else None, "n_images": n,
+            "image_size": list(grid["original"][0].shape[-2:]) if grid["original"] else None}
+    bpp = float(q.bits_per_token) / pixels_per_token(vae) if q is not None and hasattr(q, "bits_per_token") else None
+    info.update(bottleneck_info(all_idx, all_rates, K or None, bpp, _tolerance(q, cfg)))
     results["info"] = info
     out_dir = Path(out_dir or (Path(cfg.train.output_dir) / "eval"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -144,7 +137,34 @@ def evaluate(cfg, ckpt=None, out_dir=None, overrides: list[str] | None = None, p
 def _tolerance(q, cfg) -> float:
     """The band half-width alpha: the quantizer's own TDC tolerance, else the recipe's."""
     tdc = getattr(q, "tdc", None)
-    return float(tdc.tolerance) if tdc is not None else float(cfg.quantizer.get("tolerance", 0.5))
+    return float(tdc.tolerance) if tdc is not None else float(cfg.quantizer.get("tolerance", TDCSettings().tolerance))
+
+
+def bottleneck_info(indices: list, rates: list, codebook_size: int | None, bpp: float | None, tolerance: float,
+                    target_bits: float | None = None) -> dict:
+    """The codebook / bpp / rate entries of an evaluation (``gq eval`` and benchmarks/paper share it).
+
+    ``indices`` / ``rates``: lists of per-batch tensors (may be empty); ``codebook_size``: K of the
+    indices (None: no codebook statistics); ``target_bits``: centre of the rate band (default
+    ``log2 codebook_size``). Returns ``{"codebook", "bpp", "rates", "band"}`` (those that apply).
+    """
+    from .metrics.codebook import codebook_stats
+
+    info: dict = {}
+    if indices and codebook_size:
+        info["codebook"] = codebook_stats(torch.cat([i.reshape(-1) for i in indices]), int(codebook_size))
+    if bpp is not None:
+        info["bpp"] = float(bpp)
+    if rates:
+        r = torch.cat([t.reshape(-1).float().cpu() for t in rates])
+        sub = r if r.numel() <= 2**24 else r[:: r.numel() // 2**24 + 1]  # torch.quantile's size limit
+        info["rates"] = {"mean": float(r.mean()), "min": float(r.min()), "max": float(r.max()), "std": float(r.std()),
+                         "p01": float(sub.quantile(0.01)), "p99": float(sub.quantile(0.99))}
+        if target_bits is None and codebook_size:
+            target_bits = math.log2(codebook_size)
+        if target_bits is not None:  # shares of (token, group) rates in the band log2 K +- alpha / over / under
+            info["band"] = band_statistics(r, target_bits, tolerance).to_json()
+    return info
 
 
 def format_table(results: dict, names: dict[str, str]) -> str:
@@ -168,4 +188,9 @@ def format_table(results: dict, names: dict[str, str]) -> str:
         lines.append(f"| {label} | " + " | ".join(vals) + f" | {usage} | {perp} | {bpp} |")
     if info.get("band"):
         lines += ["", BandStats.from_json(info["band"]).table()]
+    ms = [results[k].get("MS-SSIM") for k in names]
+    if "MS-SSIM" in cols and all(v is None or (isinstance(v, float) and math.isnan(v)) for v in ms):
+        size = info.get("image_size")
+        at = f" (these are {size[0]}x{size[1]})" if size else ""
+        lines += ["", f"MS-SSIM n/a: it needs images of at least {MS_SSIM_MIN_SIZE} px per side (5 scales of an 11-px window){at}."]
     return "\n".join(lines)

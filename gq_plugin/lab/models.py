@@ -2,14 +2,15 @@
 or a local ``save_pretrained`` directory) with one of three bottlenecks:
 
 * ``gq``: patched in place by :func:`gq_plugin.adapters.patch_autoencoder_kl` (TDC in training,
-  Gaussian Quant in eval) and trained through :class:`~gq_plugin.adapters.GQAutoencoderWrapper`;
-* ``kl``: the plain Gaussian VAE (KL term in bits, weight from the recipe) through
-  :class:`KLAutoencoderWrapper` -- the "vanilla VAE" that is GQ-converted after training;
+  Gaussian Quant in eval), the wrapper's default bottleneck;
+* ``kl``: the plain Gaussian VAE (KL term in bits, weight from the recipe), :class:`KLBottleneck`
+  -- the "vanilla VAE" that is GQ-converted after training;
 * ``vq``, ``fsq``, ``lfq``, ``bsq``, ``tokenbridge``: a deterministic latent (the posterior mean)
-  quantized by a registry baseline, through :class:`QuantizedAutoencoderWrapper`.
+  quantized by a registry baseline, :class:`QuantizerBottleneck`.
 
-All wrappers share one output type (:class:`AutoencoderOutput`) and route encode -> bottleneck ->
-decode through ``forward`` so DistributedDataParallel synchronises every gradient.
+One wrapper, :class:`~gq_plugin.adapters.GQAutoencoderWrapper`, routes encode -> bottleneck ->
+decode through ``forward`` (so DistributedDataParallel synchronises every gradient) and returns
+one output type, :class:`~gq_plugin.adapters.wrapper.GQAutoencoderOutput`.
 """
 
 from __future__ import annotations
@@ -17,22 +18,15 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from ..rate import kl_bits_per_channel
+from ..quantizer import GQConfig
+from ..rate import group_rates
+from .config import gq_recipe_settings
 
 GAUSSIAN_BOTTLENECKS = ("gq", "kl")
-
-
-class AutoencoderOutput(NamedTuple):
-    sample: torch.Tensor  # reconstruction
-    loss: torch.Tensor  # regulariser (TDC / KL bits / quantizer aux loss), scalar
-    indices: torch.Tensor | None
-    latents: torch.Tensor  # what the decoder saw
-    posterior: Any
 
 
 def _diffusers():
@@ -64,6 +58,22 @@ def build_autoencoder_kl(model_cfg: dict) -> nn.Module:
     return AutoencoderKL(**config)
 
 
+def resolve_model_dir(path, what: str = "model directory") -> str:
+    """The ``save_pretrained`` directory of ``path``: ``path/vae`` for a training checkpoint
+    (``runs/<name>/final``), else ``path`` itself. Raises ``ValueError`` naming ``what`` (the
+    argument the user typed, e.g. ``MODEL_DIR``) and the path when it is missing or has no
+    ``config.json``."""
+    d = str(path)
+    if not os.path.isdir(d):
+        hint = "" if os.path.exists(d) else " (`gq demo` writes runs/demo/final; `gq train RECIPE` writes runs/<recipe name>/final)"
+        raise ValueError(f"{what} {d!r} is not a directory{hint}")
+    vae_dir = os.path.join(d, "vae")
+    vae_dir = vae_dir if os.path.isdir(vae_dir) else d
+    if not os.path.isfile(os.path.join(vae_dir, "config.json")):
+        raise ValueError(f"{what} {d!r} holds no model: expected config.json (from save_pretrained) in it or in its vae/ folder")
+    return vae_dir
+
+
 def downsampling_factor(vae) -> int:
     """Pixels per latent step along one side (2^(number of down blocks - 1))."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
@@ -73,54 +83,41 @@ def latent_channels(vae) -> int:
     return int(vae.config.latent_channels)
 
 
-class KLAutoencoderWrapper(nn.Module):
-    """Plain Gaussian VAE: train = sample + ``kl_weight`` x KL (bits per image), eval = mean."""
+class KLBottleneck(nn.Module):
+    """Plain Gaussian VAE bottleneck: train = sample + ``kl_weight`` x KL (bits per image), eval = mean.
 
-    def __init__(self, vae: nn.Module, kl_weight: float = 1e-6) -> None:
+    ``last_rates``: the group rates ``(B, h, w, C/m)`` in bits of the last training forward
+    (``m = codebook_dim``, the recipe's GQ group size, when it divides the latent channels C; else
+    ``m = C``, one rate per latent position), which the trainer logs.
+    """
+
+    def __init__(self, channels: int, kl_weight: float = 1e-6, codebook_dim: int | None = None) -> None:
         super().__init__()
-        self.model = vae
         self.kl_weight = float(kl_weight)
+        m = channels if codebook_dim is None else int(codebook_dim)
+        self.codebook_dim = m if m >= 1 and channels % m == 0 else channels
         self.last_rates: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> AutoencoderOutput:
-        posterior = self.model.encode(x).latent_dist
-        if self.training:
-            z = posterior.sample(generator)
-            kl = kl_bits_per_channel(posterior.mean.float(), posterior.logvar.float())
-            self.last_rates = kl.detach()
-            loss = self.kl_weight * kl.flatten(1).sum(1).mean()
-        else:
-            z = posterior.mode()
-            loss = torch.zeros((), device=x.device)
-        return AutoencoderOutput(self.model.decode(z).sample, loss, None, z, posterior)
+    def forward(self, posterior, generator: torch.Generator | None = None):
+        if not self.training:
+            return posterior.mode(), torch.zeros((), device=posterior.mean.device), None
+        rates = group_rates(posterior.mean.float().movedim(1, -1), posterior.logvar.float().movedim(1, -1), self.codebook_dim)
+        self.last_rates = rates.detach()
+        return posterior.sample(generator), self.kl_weight * rates.flatten(1).sum(1).mean(), None  # the summed KL in bits
 
 
-class QuantizedAutoencoderWrapper(nn.Module):
-    """Deterministic latent (posterior mean) -> baseline quantizer -> decoder."""
+class QuantizerBottleneck(nn.Module):
+    """Deterministic latent (posterior mean) -> a baseline quantizer ``q(z) -> (z_q, indices, aux)``."""
 
-    def __init__(self, vae: nn.Module, quantizer: nn.Module, aux_weight: float = 1.0) -> None:
+    def __init__(self, quantizer: nn.Module, aux_weight: float = 1.0) -> None:
         super().__init__()
-        self.model = vae
         self.quantizer = quantizer
         self.aux_weight = float(aux_weight)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> AutoencoderOutput:
-        posterior = self.model.encode(x).latent_dist
-        z = posterior.mean
-        zq, indices, aux = self.quantizer(z)
-        loss = self.aux_weight * aux if torch.is_tensor(aux) else torch.zeros((), device=x.device)
-        return AutoencoderOutput(self.model.decode(zq).sample, loss, indices, zq, posterior)
-
-
-def gq_settings(quantizer_cfg: dict) -> dict:
-    """GaussianQuantizer keyword arguments from a recipe's ``quantizer`` section."""
-    keys = ("grouping", "codebook", "seed", "beta", "tolerance", "lam_factor", "lam_max_range", "lam_min_range", "lam_global_range",
-            "tdc_rule", "tdc_quantile")
-    out = {k: quantizer_cfg[k] for k in keys if quantizer_cfg.get(k) is not None}
-    for k in ("lam_max_range", "lam_min_range", "lam_global_range"):
-        if k in out:
-            out[k] = tuple(out[k])
-    return out
+    def forward(self, posterior, generator: torch.Generator | None = None):
+        zq, indices, aux = self.quantizer(posterior.mean)
+        loss = self.aux_weight * aux if torch.is_tensor(aux) else torch.zeros((), device=zq.device)
+        return zq, loss, indices
 
 
 def build_model(cfg) -> tuple[nn.Module, nn.Module]:
@@ -133,29 +130,41 @@ def build_model(cfg) -> tuple[nn.Module, nn.Module]:
     vae = build_autoencoder_kl(model_cfg)
     if name == "gq":
         if not is_patched(vae):
-            patch_autoencoder_kl(vae, K=int(qcfg["codebook_size"]), m=int(qcfg["codebook_dim"]), **gq_settings(qcfg))
+            patch_autoencoder_kl(vae, K=int(qcfg["codebook_size"]), m=int(qcfg["codebook_dim"]), **gq_recipe_settings(qcfg))
         vae.gq_quantizer.tdc.auto_step = False  # the trainer steps TDC once per AE optimizer step
         wrapper = GQAutoencoderWrapper(vae)
     elif name == "kl":
-        wrapper = KLAutoencoderWrapper(vae, kl_weight=float(qcfg.get("weight", 1e-6)))
+        bottleneck = KLBottleneck(latent_channels(vae), kl_weight=float(qcfg.get("weight", 1e-6)), codebook_dim=qcfg.get("codebook_dim"))
+        wrapper = GQAutoencoderWrapper(vae, bottleneck=bottleneck)
     else:
         from .registry import build_quantizer
 
         # GQ/TDC-only recipe keys (always present through the config defaults) are not baseline
         # arguments; ``codebook_dim`` is GQ's m (VQ's codebook_dim is a projection, not passed)
-        kwargs = {k: v for k, v in qcfg.items() if k not in ("name", "weight", "aux_weight", "codebook_dim", *_GQ_ONLY_KEYS)}
+        gq_only = set(GQConfig.names()) - {"codebook_size"}
+        kwargs = {k: v for k, v in qcfg.items() if k not in ("name", "weight", "aux_weight", *gq_only)}
         quantizer = build_quantizer(name, latent_channels(vae), **kwargs)
         qstate = _quantizer_state_path(model_cfg)
         if qstate is not None:  # trained baseline codebook / projections saved next to vae/
-            quantizer.load_state_dict(torch.load(qstate, map_location="cpu"))
-        wrapper = QuantizedAutoencoderWrapper(vae, quantizer, aux_weight=float(qcfg.get("aux_weight", 1.0)))
+            quantizer.load_state_dict(load_quantizer_state(qstate))
+        wrapper = GQAutoencoderWrapper(vae, bottleneck=QuantizerBottleneck(quantizer, aux_weight=float(qcfg.get("aux_weight", 1.0))))
     _freeze(vae, train_encoder=model_cfg.get("train_encoder", True), train_decoder=model_cfg.get("train_decoder", True))
     return vae, wrapper
 
 
-_GQ_ONLY_KEYS = ("grouping", "codebook", "seed", "beta", "tolerance", "lam_factor", "lam_max_range", "lam_min_range",
-                 "lam_global_range", "tdc_rule", "tdc_quantile", "search_backend")
 QUANTIZER_STATE = "quantizer.pt"
+
+
+def load_quantizer_state(path) -> dict:
+    """A baseline's ``quantizer.pt`` loaded with ``weights_only=True`` (tensors only, never code,
+    also on torch versions whose default was unsafe); ``ValueError`` when it does not load."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError (code refused), EOFError (torn) ...
+        raise ValueError(f"{path} does not load: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not load: not a state dict")
+    return state
 
 
 def _quantizer_state_path(model_cfg: dict):

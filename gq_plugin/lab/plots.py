@@ -7,15 +7,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..tdc import TDCSettings
 
-def plot_rate_histogram(rates: dict[str, torch.Tensor], path, target: float | None = None, tolerance: float = 0.5,
+
+def plot_rate_histogram(rates: dict[str, torch.Tensor], path, target: float | None = None, tolerance: float | None = None,
                         bins: int = 60, title: str = "Per-group rate R_g (bits)") -> Path:
-    """Overlayed histograms of group rates (one per label) with the TDC band marked."""
+    """Overlayed histograms of group rates (one per label) with the TDC band ``target +- tolerance``
+    marked (``tolerance`` default: the TDC default of :class:`~gq_plugin.tdc.TDCSettings`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    tolerance = TDCSettings().tolerance if tolerance is None else float(tolerance)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     allv = np.concatenate([r.detach().float().reshape(-1).cpu().numpy() for r in rates.values()])
     lo, hi = float(np.min(allv)), float(np.max(allv))

@@ -18,6 +18,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -30,18 +33,6 @@ from .losses import ReconstructionLoss
 from .models import build_model
 
 
-def _infinite(loader, start_epoch: int = 0):
-    epoch = start_epoch
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        for batch in loader:
-            yield batch
-        epoch += 1
-
-
 def _images(batch):
     if isinstance(batch, (list, tuple)):
         return batch[0]
@@ -50,21 +41,81 @@ def _images(batch):
     return batch
 
 
-def _rates_of(out):
-    """Per-group rates of the batch's posterior (GQ posteriors), else None."""
+def _rates_of(out, wrapper=None):
+    """Per-group rates of the batch: the GQ posterior's, else the vanilla bottleneck's ``last_rates``."""
     post = out.posterior
     if callable(getattr(post, "rates", None)):
         return post.rates()
+    return getattr(getattr(wrapper, "bottleneck", None), "last_rates", None)
+
+
+STATE_FILE = "training_state.pt"
+
+
+class TrainingDiverged(FloatingPointError):
+    """Training produced non-finite weights; no checkpoint was written for that step."""
+
+
+def _step_of(p: Path) -> int | None:
+    """``<step>`` of a ``checkpoint-<step>`` directory name (None for anything else, e.g. the
+    temporary ``checkpoint-<step>.tmp-<pid>`` of an interrupted save)."""
+    m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+    return int(m.group(1)) if m else None
+
+
+def load_training_state(ckpt: str | os.PathLike) -> dict:
+    """``ckpt/training_state.pt`` loaded with ``weights_only=True`` (tensors and plain containers
+    only, never code); ``ValueError`` naming the file and the reason when it does not load."""
+    path = Path(ckpt) / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - EOFError, UnpicklingError (code refused), RuntimeError (truncated zip) ...
+        msg = " ".join(str(exc).split())
+        raise ValueError(f"{path} does not load: {type(exc).__name__}: {msg[:200]}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError(f"{path} does not load: not a training state (no integer 'step')")
+    return state
+
+
+def _checkpoint_problem(ckpt: Path) -> str | None:
+    """Why ``ckpt`` cannot be resumed from (None if it can): its training state, its VAE config
+    and its weights' headers must all load."""
+    try:
+        load_training_state(ckpt)
+        vae = ckpt / "vae"
+        json.loads((vae / "config.json").read_text())
+        weights = sorted(vae.glob("*.safetensors"))
+        if not weights:
+            return "no vae/*.safetensors weights"
+        from safetensors import safe_open
+
+        for w in weights:
+            with safe_open(str(w), framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+    except Exception as exc:  # noqa: BLE001
+        return " ".join(f"{type(exc).__name__}: {exc}".split())[:240]
     return None
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The ``checkpoint-<step>`` directory with the largest step under ``output_dir``."""
+def latest_checkpoint(output_dir: str | os.PathLike, quiet: bool = False) -> Path | None:
+    """The ``checkpoint-<step>`` directory with the largest step under ``output_dir`` that loads.
+
+    A checkpoint whose training state, config or weights do not load (a file torn by a crash, a
+    pickle with code in it) is skipped with a one-line message on stderr. Half-written
+    checkpoints (``checkpoint-<step>.tmp-<pid>``, see :func:`save_checkpoint`) are never chosen.
+    """
     out = Path(output_dir)
     if not out.is_dir():
         return None
-    ckpts = [p for p in out.glob("checkpoint-*") if (p / "training_state.pt").is_file() and p.name.split("-")[-1].isdigit()]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
+    ckpts = sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and _step_of(p) is not None), key=_step_of, reverse=True)
+    for p in ckpts:
+        problem = _checkpoint_problem(p)
+        if problem is None:
+            return p
+        if not quiet:
+            print(f"gq train: skipping {p} (does not load: {problem})", file=sys.stderr)
+    return None
 
 
 def build_datasets(data_cfg, split: str):
@@ -86,12 +137,28 @@ def build_datasets(data_cfg, split: str):
     )
 
 
+def build_loss(lcfg) -> ReconstructionLoss:
+    """The recipe's ``loss`` section as a :class:`ReconstructionLoss` (discriminator only if enabled)."""
+    disc_cfg = lcfg.get("disc") or {}
+    return ReconstructionLoss(
+        l1=float(lcfg.get("l1", 1.0)),
+        lpips=float(lcfg.get("lpips", 0.0)),
+        lpips_net=lcfg.get("lpips_net", "alex"),
+        disc_start=disc_cfg.get("start_step") if disc_cfg.get("enabled", False) else None,
+        disc_weight=float(disc_cfg.get("weight", 0.5)),
+        disc_channels=int(disc_cfg.get("channels", 64)),
+        disc_layers=int(disc_cfg.get("layers", 3)),
+    )
+
+
 def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = None, resume: str | None = None, progress: bool = True) -> dict:
     """Run a recipe's training; returns the final logged values (and the output paths)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
+
+    from .data import ResumableSampler
 
     cfg = load_config(cfg, overrides)
     tcfg, qcfg = cfg.train, cfg.quantizer
@@ -103,28 +170,24 @@ def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = Non
     )
     out_dir = Path(tcfg.output_dir)
     if resume == "latest":
-        resume = latest_checkpoint(out_dir)
+        resume = latest_checkpoint(out_dir, quiet=not acc.is_main_process)
+    state = None
     if resume is not None:
         resume = Path(resume)
-        if not (resume / "training_state.pt").is_file():
-            raise ValueError(f"resume: {resume} is not a checkpoint directory (no training_state.pt)")
+        if not (resume / STATE_FILE).is_file():
+            raise ValueError(f"resume: {resume} is not a checkpoint directory (no {STATE_FILE})")
+        try:
+            state = load_training_state(resume)
+        except ValueError as e:
+            raise ValueError(f"resume: {e}") from None
         cfg.model.pretrained = str(resume / "vae")
 
     set_seed(int(cfg.seed))  # identical initialisation on every rank
     vae, wrapper = build_model(cfg)
     is_gq = qcfg.name == "gq"
     reg_weight = float(qcfg.get("weight", 0.1)) if is_gq else 1.0
-    lcfg = cfg.loss
-    disc_cfg = lcfg.get("disc") or {}
-    loss_fn = ReconstructionLoss(
-        l1=float(lcfg.get("l1", 1.0)),
-        lpips=float(lcfg.get("lpips", 0.0)),
-        lpips_net=lcfg.get("lpips_net", "alex"),
-        disc_start=disc_cfg.get("start_step") if disc_cfg.get("enabled", False) else None,
-        disc_weight=float(disc_cfg.get("weight", 0.5)),
-        disc_channels=int(disc_cfg.get("channels", 64)),
-        disc_layers=int(disc_cfg.get("layers", 3)),
-    )
+    disc_cfg = cfg.loss.get("disc") or {}
+    loss_fn = build_loss(cfg.loss)
     ocfg = cfg.optim
     params = [p for p in wrapper.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=float(ocfg.lr), betas=tuple(ocfg.get("betas", (0.5, 0.9))), weight_decay=float(ocfg.get("weight_decay", 0.0)))
@@ -132,9 +195,17 @@ def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = Non
     opt_d = torch.optim.Adam(disc.parameters(), lr=float(disc_cfg.get("lr", ocfg.lr)), betas=(0.5, 0.9)) if disc is not None else None
 
     dataset = build_datasets(cfg.data, "train")
+    # The data order is a resumable stream: batch b holds stream positions b*batch_size ...; every
+    # optimizer step consumes batch_size * grad_accum * num_processes positions (all ranks).
+    per_step = int(tcfg.batch_size) * int(tcfg.get("grad_accum", 1)) * acc.num_processes
+    step = start_step = int(state["step"]) if state is not None else 0
+    start_samples = int(state.get("samples_seen") or step * per_step) if state is not None else 0
+    sampler = ResumableSampler(len(dataset), seed=int(cfg.seed), start=start_samples)
+    # the loader's own generator (not the global RNG) seeds its iterator, so a resume draws the
+    # global RNG exactly like the uninterrupted run
     gen = torch.Generator().manual_seed(int(cfg.seed))
     loader = DataLoader(
-        dataset, batch_size=int(tcfg.batch_size), shuffle=True, drop_last=True, num_workers=int(tcfg.get("num_workers", 0)), generator=gen
+        dataset, batch_size=int(tcfg.batch_size), sampler=sampler, drop_last=True, num_workers=int(tcfg.get("num_workers", 0)), generator=gen
     )
     if disc is not None:
         wrapper, opt, loader, disc, opt_d = acc.prepare(wrapper, opt, loader, disc, opt_d)
@@ -144,24 +215,19 @@ def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = Non
     loss_fn.to(acc.device)
     quantizer = getattr(vae, "gq_quantizer", None)
 
-    step = 0
-    if resume is not None:
-        state = torch.load(resume / "training_state.pt", map_location="cpu", weights_only=False)
-        opt.load_state_dict(state["optimizer"])
-        if opt_d is not None and state.get("optimizer_d") is not None:
-            opt_d.load_state_dict(state["optimizer_d"])
-            acc.unwrap_model(disc).load_state_dict(state["discriminator"])
-        step = int(state["step"])
-        torch.set_rng_state(state["rng"])
+    if state is not None:
+        _restore_state(acc, state, opt, disc, opt_d)
 
     steps = int(tcfg.steps)
     log_every, ckpt_every = int(tcfg.get("log_every", 25)), int(tcfg.get("ckpt_every", 0) or 0)
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, out_dir / "config.yaml")
+        for leftover in out_dir.glob("checkpoint-*.tmp-*"):  # half-written by a process that died
+            shutil.rmtree(leftover, ignore_errors=True)
     metrics_path = out_dir / "metrics.jsonl"
     last_layer = acc.unwrap_model(wrapper).model.decoder.conv_out.weight
-    batches = _infinite(loader, start_epoch=step)
+    batches = iter(loader)  # endless (ResumableSampler)
     pbar = tqdm(total=steps, initial=step, disable=not (progress and acc.is_local_main_process), desc=f"train {cfg.get('name', '')}", dynamic_ncols=True)
     last_logs: dict = {}
     last_rates = None
@@ -169,15 +235,7 @@ def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = Non
     wrapper.train()
     while step < steps:
         x = _images(next(batches))
-        with acc.accumulate(wrapper):
-            out = wrapper(x)
-            rec, logs = loss_fn.generator_loss(x, out.sample, step, last_layer)
-            loss = rec + reg_weight * out.loss
-            acc.backward(loss)
-            if acc.sync_gradients and ocfg.get("grad_clip"):
-                acc.clip_grad_norm_(params, float(ocfg.grad_clip))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        out, loss, rec, logs = autoencoder_step(acc, wrapper, loss_fn, opt, params, x, step, reg_weight, ocfg.get("grad_clip"), last_layer)
         if not acc.sync_gradients:
             continue
         if quantizer is not None:
@@ -191,7 +249,7 @@ def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = Non
         step += 1
         pbar.update(1)
         if step % log_every == 0 or step == steps:
-            rates = _rates_of(out)
+            rates = _rates_of(out, acc.unwrap_model(wrapper))
             last_rates = rates.detach().cpu() if rates is not None else last_rates
             entry = {"step": step, "loss": float(loss.detach()), "rec": float(rec.detach()), "reg": float(out.loss.detach())}
             entry.update({k: float(v) for k, v in logs.items()})
@@ -203,17 +261,19 @@ def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = Non
                 entry.update({"bits-mean": float(rates.mean()), "bits-min": float(rates.min()), "bits-max": float(rates.max())})
             entry["elapsed_s"] = time.time() - t0
             last_logs = entry
-            pbar.set_postfix({k: f"{entry[k]:.3g}" for k in ("rec", "bits-mean", "bits-q99", "band-over", "lam") if k in entry})
+            entry["rec_per_elem"] = entry["rec"] / x[0].numel()  # "rec" is a per-image sum over C*H*W elements
+            # per-element losses (l1, lpips) beside the rates in bits
+            pbar.set_postfix({k: f"{entry[k]:.3g}" for k in ("l1", "lpips", "bits-mean", "bits-q99", "band-over", "lam") if k in entry})
             if acc.is_main_process:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(entry) + "\n")
         if ckpt_every and step % ckpt_every == 0 and step < steps:
-            save_checkpoint(acc, wrapper, opt, disc, opt_d, step, out_dir / f"checkpoint-{step}")
+            save_checkpoint(acc, wrapper, opt, disc, opt_d, step, out_dir / f"checkpoint-{step}", samples_seen=start_samples + (step - start_step) * per_step)
     pbar.close()
     if tcfg.get("save_rank_states"):  # per-rank weights + TDC buffers, to check DDP consistency
         out_dir.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.detach().cpu() for k, v in acc.unwrap_model(wrapper).model.state_dict().items()}, out_dir / f"rank{acc.process_index}.pt")
-    final = save_checkpoint(acc, wrapper, opt, disc, opt_d, step, out_dir / f"checkpoint-{step}")
+    final = save_checkpoint(acc, wrapper, opt, disc, opt_d, step, out_dir / f"checkpoint-{step}", samples_seen=start_samples + (step - start_step) * per_step)
     if acc.is_main_process:
         final_link = out_dir / "final"
         if final_link.is_symlink() or final_link.exists():
@@ -223,35 +283,121 @@ def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = Non
             from .plots import plot_rate_histogram
 
             target = math.log2(int(qcfg.codebook_size)) if qcfg.get("codebook_size") else None
-            plot_rate_histogram({qcfg.name: last_rates}, out_dir / "rates_hist.png", target=target, tolerance=float(qcfg.get("tolerance", 0.5)))
+            plot_rate_histogram({qcfg.name: last_rates}, out_dir / "rates_hist.png", target=target,
+                                tolerance=quantizer.tdc.tolerance if quantizer is not None else None)
     acc.wait_for_everyone()
     last_logs.update({"output_dir": str(out_dir), "checkpoint": str(final), "train_time_s": time.time() - t0})
     acc.end_training()
     return last_logs
 
 
-def save_checkpoint(acc, wrapper, opt, disc, opt_d, step: int, path: Path) -> Path:
-    """Write ``path/vae`` (save_pretrained) and ``path/training_state.pt`` on the main process."""
+def autoencoder_step(acc, wrapper, loss_fn, opt, params, x, step: int, reg_weight: float, grad_clip, last_layer):
+    """One autoencoder update under ``acc.accumulate``: forward through the wrapper, reconstruction
+    loss + ``reg_weight`` x regulariser (TDC / KL), backward, optional gradient clipping, optimizer
+    step. Returns ``(out, loss, rec, logs)``. The caller steps TDC and the discriminator."""
+    with acc.accumulate(wrapper):
+        out = wrapper(x)
+        rec, logs = loss_fn.generator_loss(x, out.sample, step, last_layer)
+        loss = rec + reg_weight * out.loss
+        acc.backward(loss)
+        if acc.sync_gradients and grad_clip:
+            acc.clip_grad_norm_(params, float(grad_clip))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return out, loss, rec, logs
+
+
+def _restore_state(acc, state: dict, opt, disc, opt_d) -> None:
+    opt.load_state_dict(state["optimizer"])
+    if opt_d is not None and state.get("optimizer_d") is not None:
+        opt_d.load_state_dict(state["optimizer_d"])
+        acc.unwrap_model(disc).load_state_dict(state["discriminator"])
+    if getattr(acc, "scaler", None) is not None and state.get("scaler") is not None:
+        acc.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
+    cuda_rng = state.get("cuda_rng")
+    if cuda_rng and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def _non_finite(modules: dict) -> list[str]:
+    """Names of the floating-point parameters/buffers holding NaN or inf."""
+    bad = []
+    for prefix, mod in modules.items():
+        if mod is None:
+            continue
+        for name, t in mod.state_dict().items():
+            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append(f"{prefix}{name}")
+    return bad
+
+
+def _fsync_tree(root: Path, recursive: bool = True) -> None:
+    """fsync every file and directory under ``root`` (and ``root``), so a rename publishes data
+    that is on disk."""
+    for p in (sorted(root.rglob("*")) if recursive else []) + [root]:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(acc, wrapper, opt, disc, opt_d, step: int, path: Path, samples_seen: int | None = None) -> Path:
+    """Write ``path/vae`` (save_pretrained), ``path/training_state.pt`` (optimizers, step, RNG
+    states, data-stream position) and, for baselines, ``path/quantizer.pt``.
+
+    Atomic: everything goes to ``<path>.tmp-<pid>`` first, is fsync'ed, and then renamed to
+    ``path`` with ``os.replace``, so a crash leaves either the complete checkpoint or none
+    (:func:`latest_checkpoint` never picks the temporary directory). Refuses (raises
+    :class:`TrainingDiverged` on every rank, nothing written) when a weight is NaN or inf.
+    """
+    unwrapped = acc.unwrap_model(wrapper)
+    bad = _non_finite({"": unwrapped, "discriminator.": acc.unwrap_model(disc) if disc is not None else None})
+    if bad:
+        raise TrainingDiverged(
+            f"training diverged at step {step}: non-finite weights in {len(bad)} tensor(s) ({', '.join(bad[:4])}"
+            f"{', ...' if len(bad) > 4 else ''}); not writing {path.name} (lower optim.lr, or resume from the last checkpoint)"
+        )
     acc.wait_for_everyone()
     if acc.is_main_process:
-        path.mkdir(parents=True, exist_ok=True)
-        vae = acc.unwrap_model(wrapper).model
-        vae.save_pretrained(path / "vae")
+        from .models import QUANTIZER_STATE, QuantizerBottleneck
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        unwrapped.model.save_pretrained(tmp / "vae")
         state = {
             "step": step,
+            "samples_seen": samples_seen,
             "optimizer": opt.state_dict(),
             "optimizer_d": opt_d.state_dict() if opt_d is not None else None,
             "discriminator": acc.unwrap_model(disc).state_dict() if disc is not None else None,
+            "scaler": acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None,
             "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
-        torch.save(state, path / "training_state.pt")
-        from .models import QUANTIZER_STATE, QuantizedAutoencoderWrapper
-
-        unwrapped = acc.unwrap_model(wrapper)
-        if isinstance(unwrapped, QuantizedAutoencoderWrapper):  # baseline codebook / projections live outside the VAE
-            torch.save(unwrapped.quantizer.state_dict(), path / QUANTIZER_STATE)
+        torch.save(state, tmp / STATE_FILE)
+        if isinstance(unwrapped.bottleneck, QuantizerBottleneck):  # baseline codebook / projections live outside the VAE
+            torch.save(unwrapped.quantizer.state_dict(), tmp / QUANTIZER_STATE)
+        _fsync_tree(tmp)
+        if path.exists():  # re-saving a step (e.g. the final one after a resume): swap it out
+            old = path.with_name(f"{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_tree(path.parent, recursive=False)
     acc.wait_for_everyone()
     return path
 
 
-__all__ = ["train", "save_checkpoint", "latest_checkpoint", "build_datasets"]
+__all__ = ["train", "autoencoder_step", "build_loss", "save_checkpoint", "latest_checkpoint", "load_training_state",
+           "build_datasets", "TrainingDiverged"]

@@ -1,6 +1,6 @@
 """Gaussian Quant search: ``argmax_k  log N(c_k; mu, sigma^2) - beta * log N(c_k; 0, I)``.
 
-Expanding the squares (DESIGN.md section 1), up to a per-row constant
+Expanding the squares (the data path in docs/design.md, section 1), up to a per-row constant
 
     s(c) = sum_j  a_j c_j^2 + b_j c_j,   a_j = (beta - 1/sigma_j^2) / 2,  b_j = mu_j / sigma_j^2
 
@@ -23,13 +23,14 @@ score (about ``1e-6 * |score|``) may be ordered differently from :func:`search_r
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable
 
 import torch
 
 from ..rate import LOGVAR_RANGE
-from .reference import reference_scores, search_reference
+from .reference import compare_with_reference, reference_scores, search_reference
 from .torch_backend import DEFAULT_TILE_K, DEFAULT_TILE_N, argmax_ip_torch
 
 __all__ = [
@@ -37,7 +38,9 @@ __all__ = [
     "DEFAULT_TILE_N",
     "argmax_inner_product",
     "available_backends",
+    "backend_names",
     "codebook_features",
+    "compare_with_reference",
     "gq_search",
     "reference_scores",
     "register_backend",
@@ -86,6 +89,11 @@ def register_backend(name: str, fn: BackendFn, available: Callable[[torch.device
     _AVAILABLE[name] = available
 
 
+def backend_names() -> list[str]:
+    """Every registered backend name (available on this machine or not)."""
+    return sorted(_BACKENDS)
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Names of the backends that can run on ``device`` (compiled ones are built on first ask)."""
     device = torch.device(device)
@@ -115,10 +123,13 @@ def select_backend(device: torch.device | str, backend: str | None = None) -> st
 # --------------------------------------------------------------------------- features
 
 
-def row_features(mean: torch.Tensor, logvar: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-    """``W = [(beta - 1/sigma^2)/2, mu/sigma^2]``: (N, m) x 2 -> (N, 2m) float32."""
-    mean = mean.float()
-    inv_var = torch.exp(-logvar.float().clamp(*LOGVAR_RANGE))
+def row_features(
+    mean: torch.Tensor, logvar: torch.Tensor, beta: float = 1.0, logvar_range: tuple[float, float] = LOGVAR_RANGE, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``W = [(beta - 1/sigma^2)/2, mu/sigma^2]``: (N, m) x 2 -> (N, 2m), float32 by default
+    (``logvar`` clamped to ``logvar_range``)."""
+    mean = mean.to(dtype)
+    inv_var = torch.exp(-logvar.to(dtype).clamp(*logvar_range))
     return torch.cat([0.5 * (beta - inv_var), mean * inv_var], dim=-1).contiguous()
 
 
@@ -156,6 +167,19 @@ def argmax_inner_product(
         return _BACKENDS[name](w.float().contiguous(), f.float().contiguous(), int(tile_n), int(tile_k))
 
 
+# Scores are sums of 2m products |w| * |f|: with max|w| * max|f| * 2m below this bound no float32
+# partial sum can overflow (float32 max is about 2**128).
+_SCORE_BOUND = 2.0**120
+
+
+def _pow2_scale(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Multiply by ``2**-e`` (exact: only the exponent changes) so that ``max|x| < 1`` (per row
+    when ``dim`` is given); the argmax of inner products is unchanged by a positive scale."""
+    amax = x.abs().amax(dim=dim, keepdim=dim is not None) if dim is not None else x.abs().max()
+    _, e = torch.frexp(amax)
+    return torch.ldexp(x, -e.to(x.dtype))
+
+
 def gq_search(
     mean: torch.Tensor,
     logvar: torch.Tensor,
@@ -165,17 +189,60 @@ def gq_search(
     features: torch.Tensor | None = None,
     tile_n: int = DEFAULT_TILE_N,
     tile_k: int = DEFAULT_TILE_K,
+    logvar_range: tuple[float, float] = LOGVAR_RANGE,
 ) -> torch.Tensor:
     """Indices (int64, shape (N,)) of the GQ codeword for each posterior row.
 
-    ``mean`` and ``logvar`` are (N, m); ``codebook`` is (K, m). ``features`` may pass a
-    precomputed :func:`codebook_features` of the codebook.
+    ``mean`` and ``logvar`` are (N, m) floating-point tensors; ``codebook`` is (K, m).
+    ``features`` may pass a precomputed :func:`codebook_features` of the codebook; ``logvar`` is
+    clamped to ``logvar_range``.
+
+    Validated with one host sync per call: NaN/inf in ``mean`` or ``logvar`` (before the clamp)
+    or a non-finite ``beta`` raise ``ValueError``. Huge but finite inputs (e.g. ``|mean| >= 1e25``
+    at ``logvar = -30``), whose scores would overflow float32, are searched with features
+    recomputed in float64 and rescaled by powers of two (the argmax is scale-invariant), so the
+    result stays exact; inputs whose features overflow even float64 raise ``ValueError``.
     """
+    if not isinstance(mean, torch.Tensor) or not isinstance(logvar, torch.Tensor):
+        raise ValueError(f"mean and logvar must be tensors, got {type(mean).__name__} and {type(logvar).__name__}")
     if mean.ndim != 2 or mean.shape != logvar.shape:
         raise ValueError(f"mean and logvar must both be (N, m), got {tuple(mean.shape)} and {tuple(logvar.shape)}")
+    for name, t in (("mean", mean), ("logvar", logvar)):
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if codebook.ndim != 2 or codebook.shape[1] != mean.shape[1]:
         raise ValueError(f"codebook must be (K, {mean.shape[1]}), got {tuple(codebook.shape)}")
+    try:
+        beta = float(beta)
+    except (TypeError, ValueError):
+        raise ValueError(f"beta must be a finite number, got {beta!r}") from None
+    if not math.isfinite(beta):
+        raise ValueError(f"beta must be finite, got {beta}")
     with torch.autocast(device_type=mean.device.type, enabled=False):
-        w = row_features(mean, logvar, beta)
-        f = codebook_features(codebook) if features is None else features
-        return argmax_inner_product(w, f.to(w.device), backend=backend, tile_n=tile_n, tile_k=tile_k)
+        w = row_features(mean, logvar, beta, logvar_range)
+        f = (codebook_features(codebook) if features is None else features).to(w.device)
+        if w.shape[0] == 0 or f.shape[0] == 0:
+            return argmax_inner_product(w, f, backend=backend, tile_n=tile_n, tile_k=tile_k)
+        # the one check: finiteness of the inputs and the size of the features, one host sync
+        stats = torch.stack([
+            torch.isfinite(mean).all().to(torch.float64), torch.isfinite(logvar).all().to(torch.float64),
+            w.abs().max().to(torch.float64), f.abs().max().to(torch.float64),
+        ]).tolist()
+        if stats[0] != 1.0:
+            raise ValueError("mean contains non-finite values (NaN or inf)")
+        if stats[1] != 1.0:
+            raise ValueError("logvar contains non-finite values (NaN or inf)")
+        width = w.shape[1]
+        if not math.isfinite(stats[3]):
+            raise ValueError("codebook contains non-finite values (or its squares overflow float32)")
+        if not stats[3] * width < _SCORE_BOUND:
+            f = _pow2_scale(codebook_features(codebook.double().to(w.device)) if features is None else f.double()).float()
+            stats[3] = 1.0
+        if not stats[2] * stats[3] * width < _SCORE_BOUND:  # float32 scores would overflow: rescale rows
+            w64 = row_features(mean, logvar, beta, logvar_range, dtype=torch.float64)
+            if not bool(torch.isfinite(w64).all()):
+                raise ValueError(
+                    f"mean/logvar too large: the GQ features mu/sigma^2 overflow float64 (|mean| up to {float(mean.abs().max()):.3g})"
+                )
+            w = _pow2_scale(w64, dim=1).float()
+        return argmax_inner_product(w, f, backend=backend, tile_n=tile_n, tile_k=tile_k)

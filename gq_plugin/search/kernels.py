@@ -20,14 +20,23 @@ The CPU build uses ``-O3 -march=native`` because it is compiled on the machine t
 a portable binary, e.g. when the extension directory is shared between different machines.
 
 ``GQ_KERNELS_DISABLE=1`` skips building (the torch backend is used, without a warning).
+
+Builds are serialised across processes by an OS file lock that dies with its holder, so a build
+killed halfway never leaves later processes waiting on torch's ``lock`` file forever (that stale
+file is removed and the kernel rebuilt); a live build is waited for at most
+``GQ_KERNELS_LOCK_TIMEOUT`` seconds (default 900), then the torch backend is used with the
+one-line warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
+import sys
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -100,6 +109,18 @@ def _disabled() -> bool:
     return os.environ.get("GQ_KERNELS_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _announce_build(name: str, what: str, duration: str) -> None:
+    """Say on stderr, before compiling, that the first search builds ``what`` (only when no cached
+    build exists; later processes load the cached library silently)."""
+    from torch.utils import cpp_extension
+
+    build_dir = _build_dir(name) or cpp_extension._get_build_directory(name, verbose=False)
+    if any(Path(build_dir).glob(f"{name}*.so")) or any(Path(build_dir).glob(f"{name}*.pyd")):
+        return
+    print(f"gq_plugin: building the {what}, once, {duration} (cached in {build_dir}; GQ_KERNELS_DISABLE=1 skips it)",
+          file=sys.stderr, flush=True)
+
+
 def _build(kind: str) -> ModuleType:
     from torch.utils import cpp_extension
 
@@ -107,6 +128,7 @@ def _build(kind: str) -> ModuleType:
     verbose = os.environ.get("GQ_KERNELS_VERBOSE", "") not in ("", "0")
     if kind == "cpu":
         name = _cpu_build_name()
+        _announce_build(name, "fused CPU search kernel", "~15 s")
         return cpp_extension.load(
             name=name,
             sources=[str(src / s) for s in CPU_SOURCES],
@@ -119,6 +141,7 @@ def _build(kind: str) -> ModuleType:
         if torch.version.cuda is None:
             raise RuntimeError("torch is a CPU-only build")
         name = "gq_search_cuda"
+        _announce_build(name, "fused CUDA search kernel", "~1 min")
         return cpp_extension.load(
             name=name,
             sources=[str(src / s) for s in CUDA_SOURCES],
@@ -128,6 +151,75 @@ def _build(kind: str) -> ModuleType:
             verbose=verbose,
         )
     raise ValueError(kind)
+
+
+LOCK_TIMEOUT_S = 900.0  # default of GQ_KERNELS_LOCK_TIMEOUT
+
+
+def _build_name(kind: str) -> str | None:
+    if kind == "cpu":
+        return _cpu_build_name()
+    return "gq_search_cuda" if torch.version.cuda is not None else None
+
+
+def _build_directory(name: str) -> Path:
+    """Where ``cpp_extension.load`` builds ``name``: ``$GQ_KERNELS_BUILD_DIR/<name>`` or torch's default."""
+    d = _build_dir(name)
+    if d is None:
+        from torch.utils import cpp_extension
+
+        d = cpp_extension._get_build_directory(name, verbose=False)
+    return Path(d)
+
+
+@contextlib.contextmanager
+def _build_lock(name: str | None):
+    """Serialise builds of ``name`` across processes, and clear a stale torch build lock.
+
+    ``torch.utils.cpp_extension.load`` guards a build directory with a ``lock`` file that only its
+    creator removes: if that process is killed mid-build, every later ``load`` waits forever. So
+    builds first take an OS lock (``flock``) on ``<build dir>/gq_build.lock``, which the OS
+    releases when its holder dies. Whoever holds it knows that any torch ``lock`` file there is
+    stale (its owner held the OS lock and is gone) and removes it. A live builder is waited for at
+    most ``GQ_KERNELS_LOCK_TIMEOUT`` seconds (default 900), then ``TimeoutError`` (the caller falls
+    back to the torch backend with its one-line warning). Without ``fcntl`` (Windows) a torch lock
+    older than the timeout counts as stale.
+    """
+    if name is None:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        fcntl = None
+    timeout = float(os.environ.get("GQ_KERNELS_LOCK_TIMEOUT", LOCK_TIMEOUT_S))
+    build_dir = _build_directory(name)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(build_dir / "gq_build.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if fcntl is not None:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(
+                            f"waited GQ_KERNELS_LOCK_TIMEOUT={timeout:g} s for another process building {build_dir}"
+                        ) from None
+                    time.sleep(0.2)
+        stale = build_dir / "lock"
+        try:
+            if fcntl is not None or time.time() - stale.stat().st_mtime > timeout:
+                stale.unlink()
+        except FileNotFoundError:
+            pass
+        yield
+    finally:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def _load(kind: str) -> ModuleType | None:
@@ -142,7 +234,8 @@ def _load(kind: str) -> ModuleType | None:
         mod: ModuleType | None = None
         if not _disabled():
             try:
-                mod = _build(kind)
+                with _build_lock(_build_name(kind)):
+                    mod = _build(kind)
             except Exception as exc:  # noqa: BLE001 - no compiler, no nvcc, build error ...
                 msg = " ".join(str(exc).split())
                 if len(msg) > 160:

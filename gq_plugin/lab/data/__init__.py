@@ -1,15 +1,15 @@
 """Real photographs that install offline (:mod:`.photos`, :mod:`.sources`, :mod:`.extract`) and a crop
 dataset split by photo (:mod:`.dataset`).
 
-Command line (the ``gq data`` CLI calls :func:`fetch_main`)::
+Command line (``gq data`` adds :func:`add_data_commands` and calls :func:`run_data`)::
 
     python -m gq_plugin.lab.data fetch --dir ~/.cache/gq_plugin/photos --set small
     python -m gq_plugin.lab.data list
 """
 
-from .dataset import PhotoDataset, list_images, split_by_photo
+from .dataset import PhotoDataset, ResumableSampler, list_images, split_by_photo
 from .extract import edj_largest_jpeg, rcc_entries
-from .photos import ensure_photos, fetch_main, fetch_photos, wheel_photos
+from .photos import add_data_commands, ensure_photos, fetch_main, fetch_photos, run_data, wheel_photos
 from .sources import (
     DEBIAN_SOURCES,
     IMAGE_EXTENSIONS,
@@ -26,6 +26,8 @@ __all__ = [
     "PHOTO_SETS",
     "DebianSource",
     "PhotoDataset",
+    "add_data_commands",
+    "ResumableSampler",
     "default_data_dir",
     "edj_largest_jpeg",
     "ensure_photos",
@@ -33,6 +35,7 @@ __all__ = [
     "fetch_photos",
     "list_images",
     "rcc_entries",
+    "run_data",
     "split_by_photo",
     "wheel_photos",
 ]

@@ -84,6 +84,8 @@ class PhotoDataset(torch.utils.data.Dataset):
             raise ValueError(f"split must be 'train', 'eval' or 'all', got {split!r}")
         if crops_per_image < 1:
             raise ValueError("crops_per_image must be >= 1")
+        if int(size) < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
         self.split, self.size, self.seed = split, int(size), int(seed)
         self.resize, self.scale_range, self.hflip = resize, scale_range, hflip
         self.crops_per_image, self.cache = int(crops_per_image), cache
@@ -155,7 +157,14 @@ class PhotoDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, _photo_hash(self.keys[i], self.seed) % (2**32), j])
         return int(rng.integers(0, w - self.size + 1)), int(rng.integers(0, h - self.size + 1))
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int | tuple[int, int]) -> torch.Tensor:
+        """Crop number ``index``. ``index`` may be a pair ``(index, sample_seed)`` (what
+        :class:`ResumableSampler` yields): the train crop's randomness then comes from its own
+        generator seeded with ``sample_seed`` instead of the global torch RNG."""
+        gen = None
+        if isinstance(index, (tuple, list)):
+            index, sample_seed = index
+            gen = torch.Generator().manual_seed(int(sample_seed))
         if not 0 <= index < len(self):
             raise IndexError(index)
         i, j = index % len(self.paths), index // len(self.paths)
@@ -164,13 +173,13 @@ class PhotoDataset(torch.utils.data.Dataset):
         if self.split == "train":
             if self.scale_range is not None:
                 lo, hi = self.scale_range
-                f = lo + (hi - lo) * torch.rand(()).item()
+                f = lo + (hi - lo) * torch.rand((), generator=gen).item()
                 target = max(self.size, round(min(im.size) * f))
                 im = self._resize_short(im, target)
             w, h = im.size
-            x0 = int(torch.randint(0, w - self.size + 1, ()).item())
-            y0 = int(torch.randint(0, h - self.size + 1, ()).item())
-            flip = self.hflip and bool(torch.rand(()) < 0.5)
+            x0 = int(torch.randint(0, w - self.size + 1, (), generator=gen).item())
+            y0 = int(torch.randint(0, h - self.size + 1, (), generator=gen).item())
+            flip = self.hflip and bool(torch.rand((), generator=gen) < 0.5)
         else:
             w, h = im.size
             x0, y0 = self._eval_offset(i, j, w, h)
@@ -186,3 +195,46 @@ class PhotoDataset(torch.utils.data.Dataset):
             f"PhotoDataset(split={self.split!r}, photos={self.n_photos}, size={self.size}, "
             f"crops_per_image={self.crops_per_image})"
         )
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from a tuple of non-negative ints (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence(list(values)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """An endless shuffled stream of dataset indices that can restart at any sample position.
+
+    Epoch ``e`` visits every index once, in ``randperm(num_samples)`` seeded by ``(seed, e)``.
+    The sample at stream position ``p`` (counted from the start of training, all ranks and
+    accumulation steps together) is yielded as ``(index, sample_seed)`` with ``sample_seed``
+    derived from ``(seed, p, index)``; :class:`PhotoDataset` draws that crop's randomness from
+    it. So a batch depends only on its place in the stream -- not on the global RNG, nor on how
+    many batches a loader (e.g. accelerate's, which fetches one batch ahead) prefetched -- and a
+    resumed run (``start`` = samples consumed before the checkpoint) sees exactly the batches
+    the uninterrupted run would have seen.
+
+    The stream has no length (``len()`` raises ``TypeError``); iterate it with ``next``.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0, start: int = 0, shuffle: bool = True) -> None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        self.num_samples, self.seed, self.start, self.shuffle = int(num_samples), int(seed), int(start), bool(shuffle)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The index order of epoch ``epoch``."""
+        if not self.shuffle:
+            return list(range(self.num_samples))
+        gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
+        return torch.randperm(self.num_samples, generator=gen).tolist()
+
+    def __iter__(self):
+        n, p = self.num_samples, self.start
+        while True:
+            epoch, offset = divmod(p, n)
+            for i in self.epoch_order(epoch)[offset:]:
+                yield (i, _mix(self.seed, p, i))
+                p += 1

@@ -466,10 +466,12 @@ def ensure_photos(
 
 # ============================================================================ CLI
 
-def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gq data", description="Real photos that install offline (Debian packages, wheels).")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("fetch", help="download and extract the photos, write manifest.json")
+def add_data_commands(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``fetch`` and ``list`` sub-commands to ``p`` (used by ``gq data`` and
+    ``python -m gq_plugin.lab.data``); :func:`run_data` runs the parsed arguments."""
+    sub = p.add_subparsers(dest="data_cmd", required=True, metavar="{fetch,list}")
+    f = sub.add_parser("fetch", help="download and extract the photos, write manifest.json",
+                       description="Download Debian packages / use wheels that carry real photos, extract, resize, write manifest.json.")
     f.add_argument("--dir", default=None, help="output folder (default: $GQ_DATA_DIR or ~/.cache/gq_plugin/photos)")
     f.add_argument("--set", dest="sets", action="append", choices=sorted(PHOTO_SETS),
                    help="photo set (repeatable; default: small + wheels)")
@@ -479,15 +481,23 @@ def _build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-apt", action="store_true", help="wheel photos only")
     f.add_argument("--force", action="store_true", help="re-extract sources already in the manifest")
     f.add_argument("--keep-debs", action="store_true", help="keep .deb files under DIR/debs")
-    f.add_argument("--quiet", action="store_true")
-    sub.add_parser("list", help="list the photo sets and Debian sources")
+    f.add_argument("--quiet", action="store_true", help="no per-package progress lines")
+    sub.add_parser("list", help="list the photo sets and Debian sources", description="List the photo sets and the Debian packages they use.")
     return p
 
 
+def _build_parser() -> argparse.ArgumentParser:
+    return add_data_commands(argparse.ArgumentParser(prog="gq data", description="Real photos that install offline (Debian packages, wheels)."))
+
+
 def fetch_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``gq data ...`` / ``python -m gq_plugin.lab.data ...``; returns an exit code."""
-    args = _build_parser().parse_args(argv)
-    if args.cmd == "list":
+    """Entry point of ``python -m gq_plugin.lab.data ...``; returns an exit code."""
+    return run_data(_build_parser().parse_args(argv))
+
+
+def run_data(args: argparse.Namespace) -> int:
+    """Run parsed ``fetch`` / ``list`` arguments (from :func:`add_data_commands`); returns an exit code."""
+    if args.data_cmd == "list":
         for name, pkgs in PHOTO_SETS.items():
             print(f"{name:7s} {', '.join(pkgs) if pkgs else '(scikit-image / scikit-learn / pyiqa wheel photos)'}")
         print()

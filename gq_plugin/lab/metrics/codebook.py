@@ -14,7 +14,7 @@ import math
 import torch
 
 from ...quantizer import codebook_usage
-from ...rate import bits_per_pixel
+from ...rate import bits_per_pixel, real_bpp
 
 __all__ = ["codebook_stats", "entropy_bpp", "nominal_bpp", "real_bpp"]
 
@@ -38,13 +38,6 @@ def nominal_bpp(n_codebooks: int, codebook_size: int, pixels_per_token: int) -> 
     0.25
     """
     return bits_per_pixel(n_codebooks, codebook_size, pixels_per_token)
-
-
-def real_bpp(num_bytes: int, num_pixels: int) -> float:
-    """Actual bits per pixel of a compressed stream: ``8 * num_bytes / num_pixels``."""
-    if num_pixels <= 0:
-        raise ValueError(f"num_pixels must be positive, got {num_pixels}")
-    return 8.0 * num_bytes / num_pixels
 
 
 def entropy_bpp(indices: torch.Tensor, codebook_size: int, n_codebooks: int, pixels_per_token: int) -> float:

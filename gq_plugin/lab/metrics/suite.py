@@ -45,6 +45,10 @@ class MetricSuite:
         kid_subset_size: subset size of KID (capped at the number of images).
         device: where the networks run (default: the device of the first batch).
         strict: raise instead of warning when an optional metric cannot be computed.
+        cache_reference_features: keep the feature rows of each batch of originals (keyed by the
+            batch's exact bytes) across :meth:`reset`, so scoring many reconstructions of the same
+            originals (one row per bottleneck) runs the feature network on them once. Bounded by
+            ``max_cached_batches`` (the cache is emptied when full).
     """
 
     def __init__(
@@ -59,6 +63,8 @@ class MetricSuite:
         kid_subset_size: int = 100,
         device: torch.device | str | None = None,
         strict: bool = False,
+        cache_reference_features: bool = False,
+        max_cached_batches: int = 4096,
     ):
         self.lpips_nets = tuple(lpips_nets)
         self.use_ssim = ssim
@@ -76,10 +82,13 @@ class MetricSuite:
         else:
             self.fd_name, self.kid_name = FD_NAME, KID_NAME
         self.notes: list[str] = []
+        self.cache_reference_features = cache_reference_features
+        self.max_cached_batches = int(max_cached_batches)
+        self._ref_cache: dict[str, torch.Tensor] = {}
         self.reset()
 
     def reset(self) -> None:
-        """Forget all accumulated values (networks stay loaded)."""
+        """Forget all accumulated values (networks and cached reference features stay)."""
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
         self._real = FeatureStats()
@@ -120,6 +129,19 @@ class MetricSuite:
                 self._fail(f"{self.fd_name}/{self.kid_name}", e)
         return self._feat.to(device) if self._feat else None
 
+    def _reference_features(self, fe, x: torch.Tensor) -> torch.Tensor:
+        if not self.cache_reference_features:
+            return fe(x)
+        import hashlib
+
+        key = hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+        key += str(tuple(x.shape))
+        if key not in self._ref_cache:
+            if len(self._ref_cache) >= self.max_cached_batches:
+                self._ref_cache.clear()
+            self._ref_cache[key] = fe(x)
+        return self._ref_cache[key]
+
     # ------------------------------------------------------------------ API
     @torch.no_grad()
     def update(self, originals: torch.Tensor, reconstructions: torch.Tensor) -> None:
@@ -155,7 +177,7 @@ class MetricSuite:
         if self.distribution:
             fe = self._features(device)
             if fe is not None:
-                self._real.update(fe(x))
+                self._real.update(self._reference_features(fe, x))
                 self._fake.update(fe(y))
 
     def compute(self) -> dict[str, float]:
