@@ -1,22 +1,58 @@
 """Target Divergence Constraint (TDC): steer every group's rate to about ``log2 K`` bits.
 
-Replaces the VAE's KL term during fine-tuning. For group rates ``R_g`` (bits) the loss is
+Replaces the VAE's KL term during fine-tuning. Target ``T = log2 K`` bits per group (one
+sub-codebook of m channels), band ``[T - alpha, T + alpha]`` with ``alpha = 0.5`` bits. GQ is
+nearly lossless for a group whose rate ``R_g <= T`` (the paper's Theorem 3.1) and loses
+information fast above it, so the constraint that matters is **no group over budget**
+(``R_g > T + alpha``); groups under budget only leave codebook capacity unused.
 
-    loss = lam_global * mean_over_batch( sum_{tokens, groups} w_g * R_g )
-    w_g  = lam_max  if R_g > T + alpha,   1  if |R_g - T| <= alpha,   lam_min  if R_g < T - alpha
+Two rules (``rule=``), both with three multipliers that move by a factor ``1 + eps`` once per
+optimizer step of the autoencoder (:meth:`TargetDivergenceConstraint.step`):
 
-with target ``T = log2 K`` and ``alpha = 0.5`` bits. Once per optimizer step of the
-autoencoder (:meth:`TargetDivergenceConstraint.step`, not on discriminator steps) the
-multipliers move by a factor ``1 + eps``:
+``rule="reference"`` -- the authors' rule, kept bit for bit::
 
-* ``lam_global`` grows if mean R_g > T else shrinks (clamped to ``lam_global_range``);
-* ``lam_max`` grows if max R_g > T + alpha else shrinks, clamped to [1, 1000];
-* ``lam_min`` shrinks if min R_g < T - alpha else grows, clamped to [1e-3, 1].
+    loss = lam * mean_over_batch( sum_{tokens, groups} w_g * R_g )
+    w_g  = lam_max if R_g > T + alpha,   1 in the band,   lam_min if R_g < T - alpha
+    lam     grows if mean R_g > T            else shrinks   (clamp lam_global_range)
+    lam_max grows if max  R_g > T + alpha    else shrinks   (clamp [1, 1000])
+    lam_min shrinks if min R_g < T - alpha   else grows     (clamp [1e-3, 1])
 
-Unlike the authors' code, the multipliers are buffers (saved in checkpoints, restored on
-resume), ``lam_max`` can decay again (their pre-2026 code only ratcheted it up), the
-statistics are all-reduced across ranks under ``torch.distributed`` so every rank holds the
-same multipliers, and the update happens on-device without host syncs.
+Why it does not hold the band: the over-budget weight is the *product* ``lam * lam_max``.
+When a model's mean rate sits below T while some tokens are above the band -- the normal
+state of a VAE whose simple tokens do not need T bits (the loss can only lower rates, never
+raise them) -- ``lam`` shrinks by ``1/(1+eps)`` on exactly the steps on which ``lam_max``
+grows by ``1+eps``: the product stays at 1 until both hit their clamps (1e-3 * 1000 = 1 again).
+The over-budget penalty is then no stronger than a plain KL weight. And ``lam_max`` reacts to
+the single most extreme token of the batch, so it rises on every step as long as one token
+anywhere is above the band, whatever happens to the other 99.9 %. Measured on the tiny_cpu
+recipe (600 steps, K = 2^10, m = 4): all three multipliers at their clamps by step ~260 and
+~25 % of held-out group rates over budget (benchmarks/tdc_rule/RESULTS.md).
+
+``rule="band"`` (default) -- decoupled controllers, quantile-driven::
+
+    loss = mean_over_batch( sum_g  lam * v_g * R_g  +  lam_max * max(R_g - (T + alpha), 0) )
+    v_g  = lam_min if R_g < T - alpha,   1 otherwise
+    lam     grows if mean R_g > T                                 else shrinks
+    lam_max grows if share(R_g > T + alpha) > 1 - quantile       else shrinks  (clamp [1e-2, 1e4])
+    lam_min shrinks if share(R_g < T - alpha) > 1 - quantile     else grows    (clamp [1e-3, 1])
+
+* **Decoupled**: the mean controller ``lam`` scales the KL-like term of every group; the band
+  controller ``lam_max`` weighs a hinge on the *excess over the band* that is **added**, so a
+  falling ``lam`` (mean below target) can no longer cancel it. An over-budget group's gradient
+  per bit is ``lam + lam_max``; in the band ``lam``; under it ``lam * lam_min``.
+* **Quantiles, not extremes**: ``share(R_g > T + alpha) > 1 - quantile`` is the same event as
+  "the ``quantile``-th quantile of the rates lies above ``T + alpha``" (0.99: the 99th
+  percentile), so ``lam_max`` settles where about 1 % of the rates are over budget instead of
+  chasing one outlier token. Counts are sums, so the statistic all-reduces exactly across ranks.
+* The hinge (instead of ``w_g * R_g``) makes the loss continuous at the band edge and charges
+  only the excess; rates settle *on* the upper edge rather than being pushed through the band.
+
+Both rules: the multipliers are buffers (saved in checkpoints, restored on resume), ``lam_max``
+can decay again (the authors' pre-2026 code only ratcheted it up), the statistics are
+all-reduced across ranks under ``torch.distributed`` so every rank holds the same multipliers,
+and the update happens on-device without host syncs. Under- / over-budget masks come from
+:func:`gq_plugin.rate.band_masks` (one definition for the loss, the controllers and the logged
+band statistics).
 """
 
 from __future__ import annotations
@@ -30,7 +66,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .rate import DEFAULT_TOLERANCE, RateStats, rate_statistics
+from .rate import DEFAULT_TOLERANCE, RateStats, band_masks, rate_statistics
+
+RULES = ("band", "reference")
+# default multiplier clamps per rule (lam_max_range, lam_min_range); lam_global_range is shared
+_DEFAULT_RANGES = {"reference": ((1.0, 1000.0), (1e-3, 1.0)), "band": ((1e-2, 1e4), (1e-3, 1.0))}
 
 
 def _pair(name: str, value) -> tuple[float, float]:
@@ -48,7 +88,11 @@ class TDCSettings:
     Args:
         tolerance: ``alpha``, half-width of the band around ``log2 K``, in bits.
         lam_factor: ``1 + eps``; the multipliers move by this factor per :meth:`~TargetDivergenceConstraint.step`.
-        lam_max_range / lam_min_range / lam_global_range: clamps of the multipliers.
+        lam_max_range / lam_min_range / lam_global_range: clamps of the multipliers (None: the
+            rule's default, [1, 1000] / [1e-3, 1] for "reference", [1e-2, 1e4] / [1e-3, 1] for "band").
+        tdc_rule: ``"band"`` (default) or ``"reference"`` (the authors' rule); see the module docstring.
+        tdc_quantile: band rule: ``lam_max`` grows while more than ``1 - tdc_quantile`` of the rates
+            are over budget (it steers that quantile to ``T + alpha``; ``lam_min`` likewise below).
 
     Serialise with :meth:`as_dict` (JSON-able); rebuild with :meth:`from_dict`, which names an
     unknown key or a bad value in a ``ValueError``. To add a setting, add a field here (with its
@@ -58,12 +102,25 @@ class TDCSettings:
 
     tolerance: float = DEFAULT_TOLERANCE
     lam_factor: float = 1.01
-    lam_max_range: tuple[float, float] = (1.0, 1000.0)
-    lam_min_range: tuple[float, float] = (1e-3, 1.0)
+    lam_max_range: tuple[float, float] | None = None
+    lam_min_range: tuple[float, float] | None = None
     lam_global_range: tuple[float, float] = (1e-3, 1e3)
+    tdc_rule: str = "band"
+    tdc_quantile: float = 0.99
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise in place once
+        if self.tdc_rule not in RULES:
+            raise ValueError(f"tdc_rule must be one of {RULES}, got {self.tdc_rule!r}")
+        q = self.tdc_quantile
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.5 <= q < 1.0:
+            raise ValueError(f"tdc_quantile must be in [0.5, 1), got {q!r}")
+        set_(self, "tdc_quantile", float(q))
+        default_max, default_min = _DEFAULT_RANGES[self.tdc_rule]  # None: the rule's default clamps
+        if self.lam_max_range is None:
+            set_(self, "lam_max_range", default_max)
+        if self.lam_min_range is None:
+            set_(self, "lam_min_range", default_min)
         for name in ("tolerance", "lam_factor"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -132,9 +189,15 @@ class TargetDivergenceConstraint(nn.Module):
         auto_step: bool = True,
         sync_distributed: bool = True,
         clamp_patience: int = 200,
+        rule: str | None = None,
+        quantile: float | None = None,
         **fields,
     ) -> None:
         super().__init__()
+        if rule is not None:
+            fields["tdc_rule"] = rule
+        if quantile is not None:
+            fields["tdc_quantile"] = quantile
         if not math.isfinite(target_bits) or target_bits <= 0:
             raise ValueError(f"target_bits must be a positive finite number, got {target_bits}")
         if tolerance is not None:
@@ -145,7 +208,12 @@ class TargetDivergenceConstraint(nn.Module):
             fields["lam_factor"] = 1.0 + eps
         base = settings if settings is not None else TDCSettings()
         # the given fields override ``settings``; from_dict validates names and values
-        self.settings = TDCSettings.from_dict({**base.as_dict(), **fields}) if fields else base
+        merged = {**base.as_dict(), **fields}
+        if "tdc_rule" in fields:  # ranges left at the old rule's defaults follow the new rule's defaults
+            for k, d in zip(("lam_max_range", "lam_min_range"), _DEFAULT_RANGES[base.tdc_rule]):
+                if k not in fields and tuple(merged[k]) == d:
+                    merged[k] = None
+        self.settings = TDCSettings.from_dict(merged) if fields else base
         self.target_bits = float(target_bits)
         self.auto_step = auto_step
         self.sync_distributed = sync_distributed
@@ -160,7 +228,7 @@ class TargetDivergenceConstraint(nn.Module):
         self.register_buffer("_steps_at_clamp", torch.zeros((), dtype=torch.long), persistent=False)
         self._steps_since_check = 0
         self._clamp_warned = False
-        # Pending statistics since the last step(): [sum, count, min, max] (float64).
+        # Pending statistics since the last step(): [sum, count, min, max, n_over, n_under] (float64).
         self._pending: torch.Tensor | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
 
@@ -170,31 +238,45 @@ class TargetDivergenceConstraint(nn.Module):
     lam_max_range = property(lambda self: self.settings.lam_max_range)
     lam_min_range = property(lambda self: self.settings.lam_min_range)
     lam_global_range = property(lambda self: self.settings.lam_global_range)
+    rule = property(lambda self: self.settings.tdc_rule)
+    quantile = property(lambda self: self.settings.tdc_quantile)
 
     def extra_repr(self) -> str:
-        return f"target_bits={self.target_bits}, tolerance={self.tolerance}, eps={self.eps}, auto_step={self.auto_step}"
+        q = f", quantile={self.quantile}" if self.rule == "band" else ""
+        return f"target_bits={self.target_bits}, tolerance={self.tolerance}, eps={self.eps}, rule={self.rule!r}{q}, auto_step={self.auto_step}"
 
     # ------------------------------------------------------------------ loss
 
+    def _masks(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return band_masks(r, self.target_bits, self.tolerance)
+
     def weights(self, rates: torch.Tensor) -> torch.Tensor:
-        """Per-group weights ``{lam_max, 1, lam_min}`` (no gradient)."""
+        """Per-group weights of the ``lam``-scaled term (no gradient): ``{lam_max, 1, lam_min}``
+        (reference) or ``{1, 1, lam_min}`` (band; its over-budget penalty is the separate hinge)."""
         r = rates.detach()
-        hi = r > self.target_bits + self.tolerance
-        lo = r < self.target_bits - self.tolerance
+        hi, lo = self._masks(r)
         one = torch.ones((), dtype=r.dtype, device=r.device)
-        return torch.where(hi, self.lam_max.to(r.dtype), torch.where(lo, self.lam_min.to(r.dtype), one))
+        above = self.lam_max.to(r.dtype) if self.rule == "reference" else one
+        return torch.where(hi, above, torch.where(lo, self.lam_min.to(r.dtype), one))
 
     def per_sample_loss(self, rates: torch.Tensor) -> torch.Tensor:
-        """``lam_global * sum(w * R)`` for each sample: (B, ...) bits -> (B,)."""
+        """The loss for each sample: (B, ...) bits -> (B,).
+
+        reference: ``lam * sum(w * R)``; band: ``sum(lam * w * R + lam_max * max(R - T - alpha, 0))``."""
         if rates.ndim < 1 or rates.shape[0] == 0:
             raise ValueError(f"rates must be (B, ...) with B > 0, got shape {tuple(rates.shape)}")
         w = self.weights(rates)
         per_sample = (w * rates).flatten(1).sum(1) if rates.ndim > 1 else w * rates
         # clone: step() updates the buffers in place, which must not touch the autograd graph
-        return self.lam_global.clone().to(rates.dtype) * per_sample
+        per_sample = self.lam_global.clone().to(rates.dtype) * per_sample
+        if self.rule == "band":
+            excess = (rates - self.target_bits).clamp_min(0)
+            excess = excess.flatten(1).sum(1) if rates.ndim > 1 else excess
+            per_sample = per_sample + self.lam_max.clone().to(rates.dtype) * excess
+        return per_sample
 
     def loss(self, rates: torch.Tensor) -> torch.Tensor:
-        """``lam_global * mean over batch of sum(w * R)``; ``rates`` is (B, ...) bits."""
+        """Mean over the batch of :meth:`per_sample_loss`; ``rates`` is (B, ...) bits."""
         return self.per_sample_loss(rates).mean()
 
     def forward(self, rates: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -215,14 +297,18 @@ class TargetDivergenceConstraint(nn.Module):
     def accumulate(self, rates: torch.Tensor) -> None:
         """Add a batch's rates to the statistics consumed by the next :meth:`step`."""
         r = rates.detach().reshape(-1).double()
-        batch = torch.stack([r.sum(), torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device), r.min(), r.max()])
+        over, under = self._masks(r)
+        n = torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device)
+        batch = torch.stack([r.sum(), n, r.min(), r.max(), over.sum().double(), under.sum().double()])
         if self._pending is None or self._pending.device != batch.device:
             self._pending = batch
         else:
             p = self._pending
-            self._pending = torch.stack([p[0] + batch[0], p[1] + batch[1], torch.minimum(p[2], batch[2]), torch.maximum(p[3], batch[3])])
+            self._pending = torch.stack([p[0] + batch[0], p[1] + batch[1], torch.minimum(p[2], batch[2]), torch.maximum(p[3], batch[3]),
+                                         p[4] + batch[4], p[5] + batch[5]])
         mean = batch[0] / batch[1]
-        self.last_stats = {"bits-mean": mean.float(), "bits-min": batch[2].float(), "bits-max": batch[3].float()}
+        self.last_stats = {"bits-mean": mean.float(), "bits-min": batch[2].float(), "bits-max": batch[3].float(),
+                           "band-over": (batch[4] / n).float(), "band-under": (batch[5] / n).float()}
 
     def _reduced_pending(self) -> torch.Tensor:
         p = self._pending
@@ -231,13 +317,13 @@ class TargetDivergenceConstraint(nn.Module):
             dev = p.device
             if backend == "nccl" and dev.type != "cuda":
                 p = p.cuda()
-            sums = p[:2].clone()
+            sums = p[[0, 1, 4, 5]].clone()
             mins = p[2:3].clone()
             maxs = p[3:4].clone()
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
             dist.all_reduce(mins, op=dist.ReduceOp.MIN)
             dist.all_reduce(maxs, op=dist.ReduceOp.MAX)
-            p = torch.cat([sums, mins, maxs]).to(dev)
+            p = torch.cat([sums[:2], mins, maxs, sums[2:]]).to(dev)
         return p
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -267,18 +353,25 @@ class TargetDivergenceConstraint(nn.Module):
         p = self._reduced_pending()
         self._pending = None
         mean, rmin, rmax = p[0] / p[1], p[2], p[3]
+        share_over, share_under = p[4] / p[1], p[5] / p[1]
         up = self.settings.lam_factor
         t, a = self.target_bits, self.tolerance
         dev = self.lam_global.device
         f_global = torch.where(mean > t, up, 1.0 / up).to(dev, torch.float32)
-        f_max = torch.where(rmax > t + a, up, 1.0 / up).to(dev, torch.float32)
-        f_min = torch.where(rmin < t - a, 1.0 / up, up).to(dev, torch.float32)
+        if self.rule == "reference":  # the extremes of the batch
+            f_max = torch.where(rmax > t + a, up, 1.0 / up).to(dev, torch.float32)
+            f_min = torch.where(rmin < t - a, 1.0 / up, up).to(dev, torch.float32)
+        else:  # the shares outside the band, i.e. the quantile-th / (1 - quantile)-th quantiles
+            allowed = 1.0 - self.quantile
+            f_max = torch.where(share_over > allowed, up, 1.0 / up).to(dev, torch.float32)
+            f_min = torch.where(share_under > allowed, 1.0 / up, up).to(dev, torch.float32)
         self.lam_global.mul_(f_global).clamp_(*self.lam_global_range)
         self.lam_max.mul_(f_max).clamp_(*self.lam_max_range)
         self.lam_min.mul_(f_min).clamp_(*self.lam_min_range)
         self.num_steps.add_(1)
         self._watch_clamp()
-        self.last_stats.update({"bits-mean-global": mean.float(), "bits-min-global": rmin.float(), "bits-max-global": rmax.float()})
+        self.last_stats.update({"bits-mean-global": mean.float(), "bits-min-global": rmin.float(), "bits-max-global": rmax.float(),
+                                "band-over-global": share_over.float(), "band-under-global": share_under.float()})
         return True
 
     def _watch_clamp(self) -> None:

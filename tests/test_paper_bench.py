@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _photos import photos_available
 
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
@@ -16,16 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 RUN = REPO / "benchmarks" / "paper" / "run.py"
 
 
-def _photos_available() -> bool:
-    from gq_plugin.lab.data import PhotoDataset
-
-    try:
-        return PhotoDataset(None, split="eval", size=32, eval_fraction=0.15).n_photos > 0
-    except (FileNotFoundError, ValueError):
-        return False
-
-
-@pytest.mark.skipif(not _photos_available(), reason="needs fetched photos: python -m gq_plugin.lab.data fetch --set small")
+@pytest.mark.skipif(not photos_available(), reason="needs fetched photos: python -m gq_plugin.lab.data fetch --set small")
 def test_smoke_rows_end_to_end_and_resume(tmp_path):
     out = tmp_path / "paper"
     cmd = [sys.executable, str(RUN), "--scale", "smoke", "--only", "tdc+gq,fsq,tdc+gq-beta0", "--out", str(out), "--quiet"]
@@ -138,6 +130,9 @@ def test_full_scale_plan_is_the_issue_protocol(tmp_path):
     assert {sp["K"] for r, sp in rows.items() if sp["group"] == "ksweep"} == {2**k for k in range(12, 19)}
     assert {r for r, sp in rows.items() if sp["group"] == "alpha"} == {"tdc-a0.25+gq", "tdc-a1+gq"}
     assert rows["tdc+gq-beta0"]["beta"] == 0.0
+    # the committed results use the authors' TDC rule; the vanilla row only means "no per-group control" in it
+    assert all(q.get("tdc_rule") == "reference" for q in trains.values() if q["name"] == "gq")
+    assert trains["vanilla"]["lam_max_range"] == [1.0, 1.0] == trains["vanilla"]["lam_min_range"]
     # the configs validate (bad keys would raise here, not hours into a GPU run)
     for t, q in trains.items():
         cfg = run._load_config(run.recipe("full", q, 0, tmp_path / t, None))

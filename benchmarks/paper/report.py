@@ -259,7 +259,9 @@ def write_report(out: Path, scale: str, rows: dict, seeds: list[int], cmd: str, 
              f"usage at most {min(1.0, n_tok / 2**16):.3f} at K = 2^16 (a uniform random draw of N codes would hit "
              f"{1 - (1 - 2**-16) ** n_tok:.3f})." if n_tok else ""), ""]
     L += ["### Fairness choices", "",
-          f"* TDC multipliers move by a factor {s.get('lam_factor', 1.01):g} per optimizer step (vanilla and TDC alike).",
+          f"* TDC multipliers move by a factor {s.get('lam_factor', 1.01):g} per optimizer step (vanilla and TDC alike). Every row "
+          "uses the authors' TDC rule (`tdc_rule: reference`), with which these results were measured; the library's default "
+          "band rule is compared with it in `benchmarks/tdc_rule/` and in the from-pretrained protocol.",
           "* **Vanilla VAE**: the same rate term as TDC with `lam_max_range = lam_min_range = [1, 1]`: only the global multiplier "
           "adapts, i.e. a KL weight that steers the *mean* group rate to log2 K (a KL weight tuned to the same mean rate) with no "
           "per-group control. vanilla vs TDC therefore isolates TDC's per-group equalisation.",
@@ -353,6 +355,11 @@ def write_report(out: Path, scale: str, rows: dict, seeds: list[int], cmd: str, 
     missing = [r for r in rows if not res.get(r)]
     if missing:
         L += ["", f"Rows not run yet ({len(missing)}): " + ", ".join(f"`{m}`" for m in missing)]
+    from report_pretrained import section_block  # the from-pretrained protocol's block, when it has run here
+
+    fp = section_block(out / "from_pretrained")
+    if fp:
+        L += [""] + fp
     L.append("")
     path = out / "RESULTS.md"
     path.write_text("\n".join(L))
