@@ -21,8 +21,8 @@ def _moments(b, c, h, w, logvar=-3.0, seed=0):
 @pytest.mark.parametrize("reduction,divisor", [("element", 6 * 5 * 8), ("group", 6 * 5 * 4), ("sum", 1)])
 def test_taming_loss_reductions_of_the_core_loss(reduction, divisor):
     z = _moments(2, 8, 6, 5)
-    q = GaussianVectorQuantizer(256, 8, codebook_dim=2, tdc_auto_step=False, loss_reduction=reduction).train()
-    core = GaussianQuantizer(8, 256, 2, accept_image_fmap=True, tdc_auto_step=False).train()
+    q = GaussianVectorQuantizer(256, 8, codebook_dim=2, tdc_auto_step=False, tdc_rule="reference", loss_reduction=reduction).train()
+    core = GaussianQuantizer(8, 256, 2, accept_image_fmap=True, tdc_auto_step=False, tdc_rule="reference").train()
     _, loss, _ = q(z)
     _, _, core_loss = core(z)  # lam * mean over batch of the sum over 30 positions x 4 groups
     torch.testing.assert_close(loss, core_loss / divisor)
@@ -43,7 +43,7 @@ def test_taming_loss_does_not_grow_with_the_image():
 
 @pytest.mark.parametrize("reduction", ["element", "group", "sum"])
 def test_vq_api_loss_reductions(reduction):
-    gq = GaussianQuantize(dim=8, codebook_size=2**8, heads=2, codebook_dim=4, tdc_auto_step=False, loss_reduction=reduction).train()
+    gq = GaussianQuantize(dim=8, codebook_size=2**8, heads=2, codebook_dim=4, tdc_auto_step=False, tdc_rule="reference", loss_reduction=reduction).train()
     x = torch.cat([torch.randn(3, 10, 8), torch.full((3, 10, 8), -2.0)], -1)
     rates = gq.rates(x)  # (3, 10, 2)
     wr = gq.tdc.weights(rates) * rates
@@ -60,7 +60,7 @@ def test_vq_api_scale_next_to_vector_quantize():
     vq = vqp.VectorQuantize(dim=256, codebook_size=512)
     _, _, commit = vq(torch.randn(1, 1024, 256))
     x = torch.cat([torch.randn(1, 1024, 256), torch.zeros(1, 1024, 256)], -1)
-    _, _, loss = GaussianQuantize(dim=256, codebook_size=512, search_in_train=False).train()(x)
-    _, _, summed = GaussianQuantize(dim=256, codebook_size=512, search_in_train=False, loss_reduction="sum").train()(x)
+    _, _, loss = GaussianQuantize(dim=256, codebook_size=512, search_in_train=False, tdc_rule="reference").train()(x)
+    _, _, summed = GaussianQuantize(dim=256, codebook_size=512, search_in_train=False, tdc_rule="reference", loss_reduction="sum").train()(x)
     assert 0.5 < float(commit.detach()) < 2.0 and 0.5 < float(loss.detach()) < 1.0
     assert float(summed) > 1e5

@@ -94,7 +94,7 @@ def test_mask_and_lens_as_vector_quantize(train):
 
 
 def test_masked_positions_are_left_out_of_the_tdc_statistics_and_loss():
-    gq = GaussianQuantize(dim=4, codebook_size=16, tdc_auto_step=False).train()
+    gq = GaussianQuantize(dim=4, codebook_size=16, tdc_auto_step=False, tdc_rule="reference").train()
     x = _post(1, 6, dim=4, logvar=-1.0)
     x[0, 4:, :4] = 50.0  # padding with absurd rates
     mask = torch.tensor([[True] * 4 + [False] * 2])
@@ -192,7 +192,7 @@ def test_loss_is_normalised_per_element():
     torch.manual_seed(0)
     vals = {}
     for b, n, heads in ((1, 16, 1), (4, 256, 1), (4, 256, 4)):
-        gq = GaussianQuantize(dim=16, codebook_size=2**8, heads=heads, codebook_dim=16 // heads, tdc_auto_step=False).train()
+        gq = GaussianQuantize(dim=16, codebook_size=2**8, heads=heads, codebook_dim=16 // heads, tdc_auto_step=False, tdc_rule="reference").train()
         x = _post(b, n, dim=16, logvar=-2.0)
         _, _, loss = gq(x)
         rates = gq.rates(x)  # (b, n, heads) bits
