@@ -149,11 +149,9 @@ def plot_ksweep(out: Path, rows: dict, res: dict) -> Path | None:
     ax.set_ylabel("PSNR (dB)")
     ax.set_title("GQ conversion at fixed m: PSNR vs log2 K")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "psnr_vs_log2K.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    from gq_plugin.lab.plots import save_figure
+
+    return save_figure(fig, out / "psnr_vs_log2K.png")
 
 
 def plot_main(out: Path, rows: dict, res: dict, ref: str = "tdc+gq") -> Path | None:
@@ -187,11 +185,9 @@ def plot_main(out: Path, rows: dict, res: dict, ref: str = "tdc+gq") -> Path | N
     a2.set_xticks(range(len(others)), others, rotation=35, ha="right", fontsize=7)
     a2.set_ylabel(f"PSNR minus `{ref}` (dB), same seed")
     a2.set_title(f"Paired by seed (dots: seeds; > 0: better than {ref})")
-    fig.tight_layout()
-    path = out / "main_rows.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    from gq_plugin.lab.plots import save_figure
+
+    return save_figure(fig, out / "main_rows.png")
 
 
 def plot_rates(out: Path, seeds: list[int]) -> Path | None:

@@ -172,11 +172,9 @@ def plot_rates(rows: dict, out: Path, seeds: list[int]) -> Path | None:
     ax.set_ylabel("group rate (bits)")
     ax.set_title("Held-out group-rate quantiles after 600 steps (tiny_cpu)")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    path = out / "rate_quantiles.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    from gq_plugin.lab.plots import save_figure
+
+    return save_figure(fig, out / "rate_quantiles.png")
 
 
 def _command() -> str:

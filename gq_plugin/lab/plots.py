@@ -36,6 +36,13 @@ def plot_rate_histogram(rates: dict[str, torch.Tensor], path, target: float | No
     ax.set_ylabel("groups")
     ax.set_title(title)
     ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

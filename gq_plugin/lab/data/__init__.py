@@ -10,14 +10,7 @@ Command line (``gq data`` adds :func:`add_data_commands` and calls :func:`run_da
 from .dataset import PhotoDataset, ResumableSampler, list_images, split_by_photo
 from .extract import edj_largest_jpeg, rcc_entries
 from .photos import add_data_commands, ensure_photos, fetch_main, fetch_photos, run_data, wheel_photos
-from .sources import (
-    DEBIAN_SOURCES,
-    IMAGE_EXTENSIONS,
-    MANIFEST,
-    PHOTO_SETS,
-    DebianSource,
-    default_data_dir,
-)
+from .sources import DEBIAN_SOURCES, IMAGE_EXTENSIONS, MANIFEST, PHOTO_SETS, DebianSource, default_data_dir
 
 __all__ = [
     "DEBIAN_SOURCES",
