@@ -116,4 +116,4 @@ def test_estimate_projects_every_training():
     for name in ("pretrain", "tdc", "tdc-ref", "vanilla-fixed", "vanilla-matched", "vq", "fsq", "lfq", "bsq"):
         assert any(ln.split()[0] == name for ln in lines if ln.strip()), name
     assert "x 4 steps x 1 run(s)" in proc.stdout and "x 3 steps x 2 run(s)" in proc.stdout  # smoke: 1 seed, LR grid of 2
-    assert "training total (uncontended projection)" in proc.stdout
+    assert "training total (uncontended projection from CPU time / threads)" in proc.stdout

@@ -242,10 +242,7 @@ def estimate(args) -> int:
         proj = per * steps * runs
         total += proj
         lines.append(f"{name:16s} {per:6.2f} s/step (cpu/threads) x {steps} steps x {runs} run(s) ~ {proj / 60:6.1f} min")
-    print("\n".join(lines))
-    print(f"training total (uncontended projection): {total / 60:.1f} min = {total / 3600:.2f} h; evaluation adds ~{len(plan(args.scale)[1])} "
-          f"rows x {n_runs} x {s['eval_images']} images")
-    return 0
+    return bench.print_estimate(lines, total, f"~{len(plan(args.scale)[1])} rows x {n_runs} x {s['eval_images']} images")
 
 
 def _command() -> str:

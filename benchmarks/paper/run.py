@@ -439,9 +439,14 @@ def estimate(args, trains, rows, selected, seeds) -> int:
         proj = cpu * s["steps"] * len(seeds)
         total += proj
         lines.append(f"{t:12s} wall {wall:6.2f} s/step  cpu/threads {cpu:6.2f} s/step  -> {s['steps']} steps x {len(seeds)} seeds ~ {proj / 60:6.1f} min")
+    return print_estimate(lines, total, f"~{len(selected) * len(seeds)} row evaluations of {s['eval_images']} images")
+
+
+def print_estimate(lines: list[str], total_s: float, evaluation: str) -> int:
+    """Print the per-row ``--estimate`` lines and the projected training total; exit code 0."""
     print("\n".join(lines))
-    print(f"training total (uncontended projection from CPU time / threads): {total / 60:.1f} min; evaluation adds "
-          f"~{len(selected) * len(seeds)} row evaluations of {s['eval_images']} images")
+    print(f"training total (uncontended projection from CPU time / threads): {total_s / 60:.1f} min = {total_s / 3600:.2f} h; "
+          f"evaluation adds {evaluation}")
     return 0
 
 

@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.set_defaults(func=_cmd_decode)
 
     tk = sub.add_parser("tokenize", help="a whole dataset -> sharded token files + manifest (resumable, multi-process)",
-                        description="Encode every image of SOURCE into bit-packed token shards DIR/shard-XXXXXX.gqt plus DIR/manifest.json. "
+                        description="Encode every image of SOURCE into bit-packed token shards DIR/shard-NNNNNN.gqt plus DIR/manifest.json. "
                                     "Re-running skips finished shards; under `accelerate launch` each rank writes its own shards.")
     tk.add_argument("model", metavar="MODEL", help="GQ model dir (save_pretrained, or a checkpoint dir such as runs/demo/final)")
     tk.add_argument("source", metavar="SOURCE", nargs="+", help="image folder (searched recursively), or webdataset-style .tar shards / a glob of them")
