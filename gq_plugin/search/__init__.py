@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 
 from ..rate import LOGVAR_RANGE
+from .features import codebook_features, row_features
 from .reference import compare_with_reference, reference_scores, search_reference
 from .torch_backend import DEFAULT_TILE_K, DEFAULT_TILE_N, argmax_ip_torch
 
@@ -118,25 +119,6 @@ def select_backend(device: torch.device | str, backend: str | None = None) -> st
         if name in _BACKENDS and _AVAILABLE[name](device):
             return name
     return "torch"
-
-
-# --------------------------------------------------------------------------- features
-
-
-def row_features(
-    mean: torch.Tensor, logvar: torch.Tensor, beta: float = 1.0, logvar_range: tuple[float, float] = LOGVAR_RANGE, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """``W = [(beta - 1/sigma^2)/2, mu/sigma^2]``: (N, m) x 2 -> (N, 2m), float32 by default
-    (``logvar`` clamped to ``logvar_range``)."""
-    mean = mean.to(dtype)
-    inv_var = torch.exp(-logvar.to(dtype).clamp(*logvar_range))
-    return torch.cat([0.5 * (beta - inv_var), mean * inv_var], dim=-1).contiguous()
-
-
-def codebook_features(codebook: torch.Tensor) -> torch.Tensor:
-    """``F = [c^2, c]``: (K, m) -> (K, 2m) float32."""
-    c = codebook.float()
-    return torch.cat([c.square(), c], dim=-1).contiguous()
 
 
 # --------------------------------------------------------------------------- public API
@@ -236,7 +218,7 @@ def gq_search(
         if not math.isfinite(stats[3]):
             raise ValueError("codebook contains non-finite values (or its squares overflow float32)")
         if not stats[3] * width < _SCORE_BOUND:
-            f = _pow2_scale(codebook_features(codebook.double().to(w.device)) if features is None else f.double()).float()
+            f = _pow2_scale(codebook_features(codebook.to(w.device), torch.float64) if features is None else f.double()).float()
             stats[3] = 1.0
         if not stats[2] * stats[3] * width < _SCORE_BOUND:  # float32 scores would overflow: rescale rows
             w64 = row_features(mean, logvar, beta, logvar_range, dtype=torch.float64)

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..rate import LOGVAR_RANGE
+from .features import codebook_features, row_features
 
 
 def reference_scores(
@@ -48,6 +49,7 @@ def compare_with_reference(
     rel_tol: float = 1e-5,
     ref_scores: torch.Tensor | None = None,
     rows_per_chunk: int = 64,
+    logvar_range: tuple[float, float] = LOGVAR_RANGE,
 ) -> dict:
     """Check search indices against the float64 reference, allowing only float32 near-ties.
 
@@ -72,12 +74,12 @@ def compare_with_reference(
     if rows_per_chunk < 1:
         raise ValueError(f"rows_per_chunk must be positive, got {rows_per_chunk}")
     cb = codebook.detach().double().to(mean.device)
-    f_abs = torch.cat([cb.square(), cb], dim=-1).abs()  # (K, 2m)
+    f_abs = codebook_features(cb, torch.float64).abs()  # (K, 2m)
     out = {"rows": n, "equal": 0, "near_ties": 0, "wrong": 0, "max_rel_gap": 0.0}
     for s in range(0, n, rows_per_chunk):
         mu, lv = mean[s : s + rows_per_chunk].detach().double(), logvar[s : s + rows_per_chunk].detach().double()
         if ref_scores is None:
-            scores = reference_scores(mu, lv, cb, beta, chunk=8)
+            scores = reference_scores(mu, lv, cb, beta, chunk=8, logvar_range=logvar_range)
         else:
             scores = ref_scores[s : s + rows_per_chunk].to(mean.device, torch.float64)
         got = idx[s : s + rows_per_chunk]
@@ -87,8 +89,7 @@ def compare_with_reference(
         safe = got.clamp(0, k - 1)
         rows = torch.arange(got.shape[0], device=mean.device)
         gap = scores[rows, best] - scores[rows, safe]
-        inv_var = torch.exp(-lv.clamp(*LOGVAR_RANGE))
-        w_abs = torch.cat([0.5 * (beta - inv_var), mu * inv_var], dim=-1).abs()
+        w_abs = row_features(mu, lv, beta, logvar_range, torch.float64).abs()
         scale = torch.maximum((w_abs * f_abs[best]).sum(-1), (w_abs * f_abs[safe]).sum(-1)).clamp_min(1e-300)
         rel = torch.where(same, torch.zeros_like(gap), gap / scale)
         tie = in_range & ~same & (rel <= rel_tol)
