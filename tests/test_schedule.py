@@ -1,5 +1,6 @@
 """optim.lr_schedule: the LR curve, its validation, and that training (and a resume) follow it."""
 
+import itertools
 import json
 import math
 import shutil
@@ -18,7 +19,7 @@ def test_cosine_runs_from_lr_to_the_final_fraction():
     assert lr_at(100, steps, lr, "cosine", 0.1) == pytest.approx(2e-4)
     assert lr_at(250, steps, lr, "cosine", 0.0) == 0.0  # past the end: stays at the final LR
     curve = [lr_at(s, steps, lr, "cosine", 0.0) for s in range(steps)]
-    assert all(a > b for a, b in zip(curve, curve[1:]))  # strictly decreasing
+    assert all(a > b for a, b in itertools.pairwise(curve))  # strictly decreasing
     assert curve[25] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi / 4)))
     assert {lr_at(s, steps, lr) for s in range(steps)} == {lr}  # constant (the default)
 

@@ -30,8 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from ..rate import band_statistics
 from .config import load_config
 from .losses import ReconstructionLoss
-from .schedule import lr_at, set_lr
 from .models import build_model
+from .schedule import lr_at, set_lr
 
 
 def _images(batch):
