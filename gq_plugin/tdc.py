@@ -257,9 +257,9 @@ class TargetDivergenceConstraint(nn.Module):
         (reference) or ``{1, 1, lam_min}`` (band; its over-budget penalty is the separate hinge)."""
         r = rates.detach()
         hi, lo = self._masks(r)
-        if self.rule == "band":  # its band edges are the separate hinge and lift of per_sample_loss
-            return torch.ones_like(r)
         one = torch.ones((), dtype=r.dtype, device=r.device)
+        if self.rule == "band":  # below the band only the lift acts; the hinge is separate (per_sample_loss)
+            return torch.where(lo, torch.zeros_like(one), one).expand_as(r)
         return torch.where(hi, self.lam_max.to(r.dtype), torch.where(lo, self.lam_min.to(r.dtype), one))
 
     def per_sample_loss(self, rates: torch.Tensor) -> torch.Tensor:

@@ -59,23 +59,24 @@ def test_band_loss_matches_definition():
     r = rates.detach()
     excess = (r - 4.0).clamp_min(0)  # the hinge starts at the target T = log2 K
     shortfall = (3.5 - r).clamp_min(0)  # the lift: bits below the band T - alpha (3.0 and 1.0 here)
-    expected = (2.0 * r.sum(dim=(1, 2)) + 10.0 * excess.sum(dim=(1, 2)) + 0.1 * shortfall.sum(dim=(1, 2))).mean()
+    v = (r >= 3.5).float()  # the lam term skips groups under the band (only the lift acts there)
+    expected = (2.0 * (v * r).sum(dim=(1, 2)) + 10.0 * excess.sum(dim=(1, 2)) + 0.1 * shortfall.sum(dim=(1, 2))).mean()
     loss = tdc.loss(rates)
     torch.testing.assert_close(loss, expected)
-    assert loss.item() == pytest.approx(((2 * 16.75 + 10 * 1.75 + 0.1 * 0.5) + (2 * 13.1 + 10 * 0.75 + 0.1 * 2.5)) / 2)
+    assert loss.item() == pytest.approx(((2 * 13.75 + 10 * 1.75 + 0.1 * 0.5) + (2 * 12.1 + 10 * 0.75 + 0.1 * 2.5)) / 2)
     loss.backward()
     # gradient per bit: lam everywhere, + lam_max above T, - lam_min below the band; mean over the batch of 2
-    torch.testing.assert_close(rates.grad, (2.0 + 10.0 * (r > 4.0) - 0.1 * (r < 3.5)) / 2)
-    assert torch.equal(tdc.weights(r), torch.ones_like(r))  # no per-group factor on the lam term
+    torch.testing.assert_close(rates.grad, (2.0 * v + 10.0 * (r > 4.0) - 0.1 * (r < 3.5)) / 2)
+    assert torch.equal(tdc.weights(r), v)
     # an over-budget group's weight no longer depends on lam: lam -> 1e-3 keeps the hinge at lam_max
     tdc.lam_global.fill_(1e-3)
     r1 = torch.tensor([[6.0]], requires_grad=True)
     tdc.loss(r1).backward()
     assert r1.grad.item() == pytest.approx(1e-3 + 10.0)
-    # and an under-budget group is pushed *up* once the lift outweighs lam
+    # and an under-budget group is pushed *up* by the lift, whatever lam is
     r2 = torch.tensor([[1.0]], requires_grad=True)
     tdc.loss(r2).backward()
-    assert r2.grad.item() == pytest.approx(1e-3 - 0.1) and r2.grad.item() < 0
+    assert r2.grad.item() == pytest.approx(-0.1)
 
 
 def test_band_update_follows_shares_not_extremes():
@@ -225,13 +226,15 @@ def test_tdc_pushes_rates_into_band_on_toy_problem(one_thread):
 def test_band_rule_holds_the_quantile_on_toy_problem(one_thread):
     # The band rule steers the share over budget to 1 - quantile (here 10 %, a visible target on
     # 128 rates) instead of forcing every group into the band: over-budget share near 10 %, the
-    # high-demand groups sit at the hinge (the target T), and lam_max settles (no clamp).
+    # high-demand groups sit near the hinge (the target T), and lam_max settles (no clamp).
     target, alpha = 8.0, 0.5
     tdc = TargetDivergenceConstraint(target_bits=target, tolerance=alpha, eps=0.02, quantile=0.9)
     final = _fit_toy(tdc)
     b = band_statistics(final, target, alpha)
     assert b.over_budget <= 0.15, b
-    assert final[:, 3].median() == pytest.approx(target, abs=0.05)  # demand 1000: on the hinge at T
+    # demand 1000: held at the hinge (T), inside the band; demand 1: at the band's lower edge or above
+    assert target - 0.05 <= final[:, 3].median() <= target + alpha, final[:, 3].median()
+    assert final[:, 0].median() >= target - alpha - EDGE_SLACK, final[:, 0].median()
     assert 1e-2 < tdc.lam_max.item() < 1e4  # inside its clamps
     strict = TargetDivergenceConstraint(target_bits=target, tolerance=alpha, eps=0.02, quantile=0.99)
     b99 = band_statistics(_fit_toy(strict), target, alpha)
