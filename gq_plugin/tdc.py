@@ -175,7 +175,7 @@ class TargetDivergenceConstraint(nn.Module):
         sync_distributed: all-reduce the batch statistics when ``torch.distributed`` is
             initialised (mean by sum/count, min by MIN, max by MAX).
         clamp_patience: warn once (``RuntimeWarning``) when ``lam_global`` has sat at an end of
-            ``lam_global_range`` for this many consecutive steps: the constraint is inactive or
+            ``lam_global_range`` (the band rule: its upper end) for this many consecutive steps: the constraint is inactive or
             overwhelmed (e.g. a host KL weight of 1e-6 scaling the TDC loss, or a loss that never
             reaches the optimizer). Checked every ``clamp_patience`` steps (one host sync each);
             0 disables it.
@@ -383,7 +383,9 @@ class TargetDivergenceConstraint(nn.Module):
         if not self.clamp_patience or self._clamp_warned:
             return
         lo, hi = self.lam_global_range
-        at = (self.lam_global <= lo) | (self.lam_global >= hi)
+        # band rule: lam at its lower clamp is the normal state of a model whose mean rate is below
+        # the target (under-budget groups are the lift's business), so only the upper clamp counts
+        at = (self.lam_global >= hi) if self.rule == "band" else (self.lam_global <= lo) | (self.lam_global >= hi)
         self._steps_at_clamp.copy_(torch.where(at, self._steps_at_clamp + 1, torch.zeros_like(self._steps_at_clamp)))
         self._steps_since_check += 1
         if self._steps_since_check < self.clamp_patience:
