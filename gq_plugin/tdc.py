@@ -258,9 +258,8 @@ class TargetDivergenceConstraint(nn.Module):
         r = rates.detach()
         hi, lo = self._masks(r)
         one = torch.ones((), dtype=r.dtype, device=r.device)
-        if self.rule == "band":  # below the band only the lift acts; the hinge is separate (per_sample_loss)
-            return torch.where(lo, torch.zeros_like(one), one).expand_as(r)
-        return torch.where(hi, self.lam_max.to(r.dtype), torch.where(lo, self.lam_min.to(r.dtype), one))
+        above = self.lam_max.to(r.dtype) if self.rule == "reference" else one
+        return torch.where(hi, above, torch.where(lo, self.lam_min.to(r.dtype), one))
 
     def per_sample_loss(self, rates: torch.Tensor) -> torch.Tensor:
         """The loss for each sample: (B, ...) bits -> (B,).
@@ -273,11 +272,9 @@ class TargetDivergenceConstraint(nn.Module):
         # clone: step() updates the buffers in place, which must not touch the autograd graph
         per_sample = self.lam_global.clone().to(rates.dtype) * per_sample
         if self.rule == "band":
-            excess = (rates - self.target_bits).clamp_min(0)  # bits over the lossless budget T
-            shortfall = (self.target_bits - self.tolerance - rates).clamp_min(0)  # bits of unused capacity
-            if rates.ndim > 1:
-                excess, shortfall = excess.flatten(1).sum(1), shortfall.flatten(1).sum(1)
-            per_sample = per_sample + self.lam_max.clone().to(rates.dtype) * excess + self.lam_min.clone().to(rates.dtype) * shortfall
+            excess = (rates - self.target_bits).clamp_min(0)
+            excess = excess.flatten(1).sum(1) if rates.ndim > 1 else excess
+            per_sample = per_sample + self.lam_max.clone().to(rates.dtype) * excess
         return per_sample
 
     def loss(self, rates: torch.Tensor) -> torch.Tensor:
@@ -369,7 +366,7 @@ class TargetDivergenceConstraint(nn.Module):
         else:  # the shares outside the band, i.e. the quantile-th / (1 - quantile)-th quantiles
             allowed = 1.0 - self.quantile
             f_max = torch.where(share_over > allowed, up, 1.0 / up).to(dev, torch.float32)
-            f_min = torch.where(share_under > allowed, up, 1.0 / up).to(dev, torch.float32)  # the lift
+            f_min = torch.where(share_under > allowed, 1.0 / up, up).to(dev, torch.float32)
         self.lam_global.mul_(f_global).clamp_(*self.lam_global_range)
         self.lam_max.mul_(f_max).clamp_(*self.lam_max_range)
         self.lam_min.mul_(f_min).clamp_(*self.lam_min_range)
