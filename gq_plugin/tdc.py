@@ -175,8 +175,8 @@ class TargetDivergenceConstraint(nn.Module):
         sync_distributed: all-reduce the batch statistics when ``torch.distributed`` is
             initialised (mean by sum/count, min by MIN, max by MAX).
         clamp_patience: warn once (``RuntimeWarning``) when ``lam_global`` has sat at an end of
-            ``lam_global_range`` (the band rule: its upper end) for this many consecutive steps: the constraint is inactive or
-            overwhelmed (e.g. a host KL weight of 1e-6 scaling the TDC loss, or a loss that never
+            ``lam_global_range`` (the band rule: its upper end) for this many consecutive steps:
+            the constraint is inactive or overwhelmed (e.g. a host KL weight of 1e-6 scaling the TDC loss, or a loss that never
             reaches the optimizer). Checked every ``clamp_patience`` steps (one host sync each);
             0 disables it.
     """
@@ -381,7 +381,7 @@ class TargetDivergenceConstraint(nn.Module):
             return
         lo, hi = self.lam_global_range
         # band rule: lam at its lower clamp is the normal state of a model whose mean rate is below
-        # the target (under-budget groups are the lift's business), so only the upper clamp counts
+        # the target (nothing in the band rule needs those groups higher), so only the upper clamp counts
         at = (self.lam_global >= hi) if self.rule == "band" else (self.lam_global <= lo) | (self.lam_global >= hi)
         self._steps_at_clamp.copy_(torch.where(at, self._steps_at_clamp + 1, torch.zeros_like(self._steps_at_clamp)))
         self._steps_since_check += 1
