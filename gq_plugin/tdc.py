@@ -30,7 +30,7 @@ recipe (600 steps, K = 2^10, m = 4): all three multipliers at their clamps by st
 
 ``rule="band"`` (default) -- decoupled controllers, quantile-driven::
 
-    loss = mean_over_batch( sum_g  lam * v_g * R_g  +  lam_max * max(R_g - (T + alpha), 0) )
+    loss = mean_over_batch( sum_g  lam * v_g * R_g  +  lam_max * max(R_g - T, 0) )
     v_g  = lam_min if R_g < T - alpha,   1 otherwise
     lam     grows if mean R_g > T                                 else shrinks
     lam_max grows if share(R_g > T + alpha) > 1 - quantile       else shrinks  (clamp [1e-2, 1e4])
@@ -44,8 +44,10 @@ recipe (600 steps, K = 2^10, m = 4): all three multipliers at their clamps by st
   "the ``quantile``-th quantile of the rates lies above ``T + alpha``" (0.99: the 99th
   percentile), so ``lam_max`` settles where about 1 % of the rates are over budget instead of
   chasing one outlier token. Counts are sums, so the statistic all-reduces exactly across ranks.
-* The hinge (instead of ``w_g * R_g``) makes the loss continuous at the band edge and charges
-  only the excess; rates settle *on* the upper edge rather than being pushed through the band.
+* The hinge (instead of ``w_g * R_g``) is continuous and charges only the excess over ``T``, the
+  paper's lossless budget: high-demand groups settle *on* ``T``, inside the band, instead of being
+  pushed through it. (A hinge at the band edge ``T + alpha`` lets rates chatter across the edge
+  that also defines "over budget", and ``lam_max`` runs away on the toy problem of tests/test_tdc.py.)
 
 Both rules: the multipliers are buffers (saved in checkpoints, restored on resume), ``lam_max``
 can decay again (the authors' pre-2026 code only ratcheted it up), the statistics are
@@ -173,8 +175,8 @@ class TargetDivergenceConstraint(nn.Module):
         sync_distributed: all-reduce the batch statistics when ``torch.distributed`` is
             initialised (mean by sum/count, min by MIN, max by MAX).
         clamp_patience: warn once (``RuntimeWarning``) when ``lam_global`` has sat at an end of
-            ``lam_global_range`` for this many consecutive steps: the constraint is inactive or
-            overwhelmed (e.g. a host KL weight of 1e-6 scaling the TDC loss, or a loss that never
+            ``lam_global_range`` (the band rule: its upper end) for this many consecutive steps:
+            the constraint is inactive or overwhelmed (e.g. a host KL weight of 1e-6 scaling the TDC loss, or a loss that never
             reaches the optimizer). Checked every ``clamp_patience`` steps (one host sync each);
             0 disables it.
     """
@@ -378,7 +380,9 @@ class TargetDivergenceConstraint(nn.Module):
         if not self.clamp_patience or self._clamp_warned:
             return
         lo, hi = self.lam_global_range
-        at = (self.lam_global <= lo) | (self.lam_global >= hi)
+        # band rule: lam at its lower clamp is the normal state of a model whose mean rate is below
+        # the target (nothing in the band rule needs those groups higher), so only the upper clamp counts
+        at = (self.lam_global >= hi) if self.rule == "band" else (self.lam_global <= lo) | (self.lam_global >= hi)
         self._steps_at_clamp.copy_(torch.where(at, self._steps_at_clamp + 1, torch.zeros_like(self._steps_at_clamp)))
         self._steps_since_check += 1
         if self._steps_since_check < self.clamp_patience:

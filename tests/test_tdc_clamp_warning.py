@@ -33,9 +33,12 @@ def test_warns_once_when_the_global_multiplier_sits_at_its_upper_clamp():
 
 
 def test_lower_clamp_and_no_warning_while_the_multiplier_moves():
-    tdc = TargetDivergenceConstraint(4.0, eps=0.01, lam_global_range=(0.95, 1e3), auto_step=False, clamp_patience=10)
+    tdc = TargetDivergenceConstraint(4.0, eps=0.01, lam_global_range=(0.95, 1e3), auto_step=False, clamp_patience=10, rule="reference")
     warned = _run(tdc, 1.0, 30)
     assert [i for i, _ in warned] == [20] and "lower clamp" in warned[0][1]
+    # the band rule: a mean rate below the target at the weakest lam is its normal state (the lift acts)
+    band = TargetDivergenceConstraint(4.0, eps=0.01, lam_global_range=(0.95, 1e3), auto_step=False, clamp_patience=10)
+    assert _run(band, 1.0, 30) == [] and float(band.lam_global) == pytest.approx(0.95)
     # alternating above / below the target: lam_global never reaches a clamp
     tdc = TargetDivergenceConstraint(4.0, auto_step=False, clamp_patience=5)
     warned = []

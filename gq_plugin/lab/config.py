@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ..quantizer import GQConfig
+from .schedule import check_schedule
 
 DEFAULTS = {
     "name": "recipe",
@@ -24,7 +25,7 @@ DEFAULTS = {
     # take their names and defaults from gq_plugin.quantizer.GQConfig
     "quantizer": {"name": "gq", "codebook_size": 4096, "codebook_dim": 16, "weight": 0.1},
     "loss": {"l1": 1.0, "lpips": 0.0, "lpips_net": "alex", "disc": {"enabled": False, "start_step": 0, "weight": 0.5, "channels": 64, "layers": 3}},
-    "optim": {"lr": 1e-4, "betas": [0.5, 0.9], "weight_decay": 0.0, "grad_clip": 1.0},
+    "optim": {"lr": 1e-4, "betas": [0.5, 0.9], "weight_decay": 0.0, "grad_clip": 1.0, "lr_schedule": "constant", "lr_final_frac": 0.1},
     "train": {
         "steps": 1000,
         "batch_size": 16,
@@ -109,6 +110,7 @@ def _validate(cfg: DictConfig) -> None:
                                 **OmegaConf.to_container(OmegaConf.create(gq_recipe_settings(q)))})
         except ValueError as e:
             raise ValueError(f"quantizer: {e}") from None
+    check_schedule(cfg.optim.lr_schedule, cfg.optim.lr_final_frac)
     if int(cfg.train.steps) < 1:
         raise ValueError(f"train.steps must be >= 1, got {cfg.train.steps}")
     if int(cfg.train.batch_size) < 1:

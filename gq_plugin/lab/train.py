@@ -31,6 +31,7 @@ from ..rate import band_statistics
 from .config import load_config
 from .losses import ReconstructionLoss
 from .models import build_model
+from .schedule import lr_at, set_lr
 
 
 def _images(batch):
@@ -235,6 +236,7 @@ def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = Non
     wrapper.train()
     while step < steps:
         x = _images(next(batches))
+        set_lr(opt, lr_at(step, steps, float(ocfg.lr), ocfg.lr_schedule, float(ocfg.lr_final_frac)))
         out, loss, rec, logs = autoencoder_step(acc, wrapper, loss_fn, opt, params, x, step, reg_weight, ocfg.get("grad_clip"), last_layer)
         if not acc.sync_gradients:
             continue
@@ -253,6 +255,7 @@ def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = Non
             last_rates = rates.detach().cpu() if rates is not None else last_rates
             entry = {"step": step, "loss": float(loss.detach()), "rec": float(rec.detach()), "reg": float(out.loss.detach())}
             entry.update({k: float(v) for k, v in logs.items()})
+            entry["lr"] = opt.param_groups[0]["lr"]
             if quantizer is not None:
                 entry.update(quantizer.tdc.log_dict())
                 if rates is not None:  # shares in band / over / under budget and quantiles of this batch
