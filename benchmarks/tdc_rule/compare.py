@@ -107,6 +107,23 @@ def _psnr_cont(r: dict) -> float:
     return r["continuous"]["PSNR"]
 
 
+def noise_floor(rows: dict, name: str, seeds: list[int]) -> list[str]:
+    """How far a change with no intended effect (variant ``name`` vs ``band``) moves PSNR on a seed,
+    against the rule difference (``band`` vs ``reference``)."""
+    noise = [x - y for _, x, y in _paired(rows, seeds, _psnr_gq, name, "band")]
+    rule = [x - y for _, x, y in _paired(rows, seeds, _psnr_gq, "band", "reference")]
+    if not noise or not rule:
+        return []
+    n, r = max(abs(d) for d in noise), max(abs(d) for d in rule)
+    return ["## Noise floor", "",
+            f"* `{name}` (see the variants table) changes nothing the rule is meant to do, yet moves GQ PSNR by "
+            + " / ".join(f"{d:+.2f}" for d in noise) + f" dB against `band` on seeds {', '.join(map(str, seeds))} (largest {n:.2f} dB).",
+            f"* The rule difference `band` minus `reference` is at most {r:.2f} dB in size on any seed: "
+            + ("**inside** that noise floor, so these seeds cannot say which rule gives the better PSNR; the paired "
+               "PSNR criterion is undecidable at this scale, not failed by a margin." if r <= n else
+               "**larger** than that noise floor."), ""]
+
+
 def variants_section(rows: dict, args, seeds: list[int]) -> list[str]:
     """Table of the band-rule variants tried (``--variant``), paired by seed against both rules."""
     if not args.variant:
@@ -195,6 +212,8 @@ def report(rows: dict, args) -> Path:
               verdicts.get("PSNR continuous (dB)", {}).get("band_not_worse_on_every_seed") else "**not met**")
              + f" on the {n_pairs} seed(s) measured" if n_pairs else "not measured yet")
           + (f"; {len(seeds) - n_pairs} seed(s) still missing (see the per-seed table)." if n_pairs < len(seeds) else "."), ""]
+    if args.noise_variant:
+        L += noise_floor(rows, args.noise_variant, seeds)
     L += variants_section(rows, args, seeds)
     plot = plot_rates(rows, Path(args.out), seeds)
     if plot:
@@ -262,6 +281,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", default=None)
     p.add_argument("--variant", type=_variant, action="append", default=[],
                    help="NAME=DIR=DESCRIPTION: band-rule variant runs DIR/seed<k>/, paired against both rules in their own table")
+    p.add_argument("--noise-variant", default=None, help="the --variant NAME that only perturbs the band rule (noise floor)")
     p.add_argument("--note", action="append", default=[], help="a line added to the setup list (provenance of the runs)")
     args = p.parse_args(argv)
     rows = collect(args)
