@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -110,14 +111,15 @@ def _psnr_cont(r: dict) -> float:
 def noise_floor(rows: dict, name: str, seeds: list[int]) -> list[str]:
     """How far a change with no intended effect (variant ``name`` vs ``band``) moves PSNR on a seed,
     against the rule difference (``band`` vs ``reference``)."""
-    noise = [x - y for _, x, y in _paired(rows, seeds, _psnr_gq, name, "band")]
+    pairs = _paired(rows, seeds, _psnr_gq, name, "band")
+    noise = [x - y for _, x, y in pairs]
     rule = [x - y for _, x, y in _paired(rows, seeds, _psnr_gq, "band", "reference")]
     if not noise or not rule:
         return []
     n, r = max(abs(d) for d in noise), max(abs(d) for d in rule)
     return ["## Noise floor", "",
             f"* `{name}` (see the variants table) changes nothing the rule is meant to do, yet moves GQ PSNR by "
-            + " / ".join(f"{d:+.2f}" for d in noise) + f" dB against `band` on seeds {', '.join(map(str, seeds))} (largest {n:.2f} dB).",
+            + " / ".join(f"{d:+.2f}" for d in noise) + f" dB against `band` on seeds {', '.join(str(s) for s, _, _ in pairs)} (largest {n:.2f} dB).",
             f"* The rule difference `band` minus `reference` is at most {r:.2f} dB in size on any seed: "
             + ("**inside** that noise floor, so these seeds cannot say which rule gives the better PSNR; the paired "
                "PSNR criterion is undecidable at this scale, not failed by a margin." if r <= n else
@@ -199,7 +201,8 @@ def report(rows: dict, args) -> Path:
         verdicts[name] = {"seeds": [s for s, _, _ in p], "diffs": diffs, "band_better_on_every_seed": better, "band_not_worse_on_every_seed": not_worse}
         L.append(f"* {name}: " + ", ".join(f"seed {s}: {b:.3f} vs {a:.3f} ({b - a:+.3f})" for s, b, a in p)
                  + f" -> band {'better on every seed' if better else ('not worse on every seed' if not_worse else 'NOT better on every seed')}"
-                 + f" ({len(p)} of {len(seeds)} seeds).")
+                 + f" ({len(p)} of {len(seeds)} seeds; mean {statistics.fmean(diffs):+.3f}"
+                 + (f", sd {statistics.stdev(diffs):.3f}" if len(diffs) > 1 else "") + ").")
     over = [rows[("band", s)]["band"]["over_budget"] for s in seeds if ("band", s) in rows]
     n_pairs = len(_paired(rows, seeds, lambda r: 0.0))
     goal_over = bool(over) and all(o <= GOAL_OVER for o in over)
