@@ -60,22 +60,16 @@ def _first_step_all_clamped(logs: list[dict]) -> int | None:
 
 
 def collect(args) -> dict[tuple[str, int], dict]:
+    """Rows keyed ``(rule or variant name, seed)``: cached result files, evaluating finished runs that have none."""
     out = Path(args.out) / "results"
     out.mkdir(parents=True, exist_ok=True)
+    sources = [(rule, f"{rule}-seed{{}}.json", Path(args.runs) / rule) for rule in RULES]
+    sources += [(name, f"variant-{name}-seed{{}}.json", Path(run_dir)) for name, run_dir, _ in args.variant]
     rows = {}
-    for rule in RULES:
+    for name, file_pattern, run_root in sources:
         for seed in args.seeds:
-            f = out / f"{rule}-seed{seed}.json"
-            run = Path(args.runs) / rule / f"seed{seed}"
-            if not f.is_file() and (run / "final").exists():
-                print(f"evaluating {run}", flush=True)
-                f.write_text(json.dumps(evaluate_run(run, rule, seed, args.data_root), indent=2, default=float))
-            if f.is_file():
-                rows[(rule, seed)] = json.loads(f.read_text())
-    for name, run_dir, _ in args.variant:
-        for seed in args.seeds:
-            f = out / f"variant-{name}-seed{seed}.json"
-            run = Path(run_dir) / f"seed{seed}"
+            f = out / file_pattern.format(seed)
+            run = run_root / f"seed{seed}"
             if not f.is_file() and (run / "final").exists():
                 print(f"evaluating {run}", flush=True)
                 f.write_text(json.dumps(evaluate_run(run, name, seed, args.data_root), indent=2, default=float))
