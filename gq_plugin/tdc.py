@@ -183,8 +183,8 @@ class TargetDivergenceConstraint(nn.Module):
             initialised (mean by sum/count, min by MIN, max by MAX).
         clamp_patience: warn once (``RuntimeWarning``) when ``lam_global`` has sat at an end of
             ``lam_global_range`` (the band rule: its upper end) for this many consecutive steps:
-            the constraint is inactive or overwhelmed (e.g. a host KL weight of 1e-6 scaling the TDC loss, or a loss that never
-            reaches the optimizer). Checked every ``clamp_patience`` steps (one host sync each);
+            the constraint is inactive or overwhelmed (e.g. a host KL weight of 1e-6 scaling the
+            TDC loss, or a loss that never reaches the optimizer). Checked every ``clamp_patience`` steps (one host sync each);
             0 disables it.
     """
 

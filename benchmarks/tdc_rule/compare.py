@@ -91,7 +91,7 @@ def _paired(rows, seeds, key, a="band", b="reference") -> list[tuple[int, float,
 
 
 def _diffs(p) -> str:
-    return " / ".join(f"{x - y:+.2f}" for _, x, y in p) + (f" (mean {sum(x - y for _, x, y in p) / len(p):+.2f})" if p else "")
+    return " / ".join(f"{x - y:+.2f}" for _, x, y in p) + (f" (mean {statistics.fmean(x - y for _, x, y in p):+.2f})" if p else "")
 
 
 def _psnr_gq(r: dict) -> float:
@@ -136,7 +136,7 @@ def variants_section(rows: dict, args, seeds: list[int]) -> list[str]:
             L.append(f"| `{name}`: {desc} | *not run yet* |" + " |" * 7)
             continue
         b = [rows[(name, s)]["band"] for s in have]
-        g = [rows[(name, s)]["gq"]["PSNR"] for s in have]
+        g = [_psnr_gq(rows[(name, s)]) for s in have]
         L.append(f"| `{name}`: {desc} | {', '.join(map(str, have))} | "
                  + " / ".join(f"{100 * x['over_budget']:.1f}" for x in b) + " % | "
                  + " / ".join(f"{100 * x['in_band']:.0f}" for x in b) + " % | "
@@ -233,7 +233,8 @@ def _run_optim(args, seeds) -> str:
             if cfg.is_file():
                 o = yaml.safe_load(cfg.read_text()).get("optim", {})
                 sched = o.get("lr_schedule", "constant")
-                tail = f" -> {o['lr'] * o.get('lr_final_frac', 0.1):g} (cosine)" if sched == "cosine" else " (constant)"
+                # a saved config.yaml is the resolved recipe: a cosine run's has lr_final_frac
+                tail = f" -> {o['lr'] * o['lr_final_frac']:g} (cosine)" if sched == "cosine" else " (constant)"
                 return f"Adam, LR {o['lr']:g}{tail}"
     return "unknown (no config.yaml in the runs)"
 
