@@ -104,22 +104,29 @@ def _psnr_cont(r: dict) -> float:
     return r["continuous"]["PSNR"]
 
 
+def _conv_loss(r: dict) -> float:
+    """The PSNR the GQ conversion itself costs (continuous minus GQ, same model)."""
+    return r["continuous"]["PSNR"] - r["gq"]["PSNR"]
+
+
 def noise_floor(rows: dict, name: str, seeds: list[int]) -> list[str]:
-    """How far a change with no intended effect (variant ``name`` vs ``band``) moves PSNR on a seed,
-    against the rule difference (``band`` vs ``reference``)."""
-    pairs = _paired(rows, seeds, _psnr_gq, name, "band")
-    noise = [x - y for _, x, y in pairs]
-    rule = [x - y for _, x, y in _paired(rows, seeds, _psnr_gq, "band", "reference")]
-    if not noise or not rule:
-        return []
-    n, r = max(abs(d) for d in noise), max(abs(d) for d in rule)
-    return ["## Noise floor", "",
-            f"* `{name}` (see the variants table) changes nothing the rule is meant to do, yet moves GQ PSNR by "
-            + " / ".join(f"{d:+.2f}" for d in noise) + f" dB against `band` on seeds {', '.join(str(s) for s, _, _ in pairs)} (largest {n:.2f} dB).",
-            f"* The rule difference `band` minus `reference` is at most {r:.2f} dB in size on any seed: "
-            + ("**inside** that noise floor, so these seeds cannot say which rule gives the better PSNR; the paired "
-               "PSNR criterion is undecidable at this scale, not failed by a margin." if r <= n else
-               "**larger** than that noise floor."), ""]
+    """How far a change with no intended effect (variant ``name`` vs ``band``) moves GQ PSNR and the GQ
+    conversion loss on a seed, against the rule difference (``band`` vs ``reference``)."""
+    L = []
+    for what, key in (("GQ PSNR", _psnr_gq), ("the GQ conversion loss", _conv_loss)):
+        pairs = _paired(rows, seeds, key, name, "band")
+        noise = [x - y for _, x, y in pairs]
+        rule = [x - y for _, x, y in _paired(rows, seeds, key, "band", "reference")]
+        if not noise or not rule:
+            continue
+        n, r = max(abs(d) for d in noise), max(abs(d) for d in rule)
+        L += [f"* `{name}` (see the variants table) changes nothing the rule is meant to do, yet moves {what} by "
+              + " / ".join(f"{d:+.2f}" for d in noise) + f" dB against `band` on seeds {', '.join(str(s) for s, _, _ in pairs)} (largest {n:.2f} dB).",
+              f"* The rule difference `band` minus `reference` in {what} is at most {r:.2f} dB in size on any seed: "
+              + ("**inside** that noise floor, so these seeds cannot say which rule is better on it; the paired "
+                 "criterion is undecidable at this scale, not failed by a margin." if r <= n else
+                 "**larger** than that noise floor.")]
+    return ["## Noise floor", "", *L, ""] if L else []
 
 
 def variants_section(rows: dict, args, seeds: list[int]) -> list[str]:
@@ -193,6 +200,8 @@ def report(rows: dict, args) -> Path:
     checks = [("over-budget share (points of %)", lambda r: 100 * r["band"]["over_budget"], False),
               ("PSNR GQ (dB)", lambda r: r["gq"]["PSNR"], True),
               ("PSNR continuous (dB)", lambda r: r["continuous"]["PSNR"], True),
+              # what the rule is for: the PSNR the GQ conversion itself costs (continuous minus GQ, same model)
+              ("GQ conversion loss (dB, continuous minus GQ)", _conv_loss, False),
               ("LPIPS-alex GQ", lambda r: r["gq"]["LPIPS-alex"], False)]
     for name, key, higher in checks:
         p = _paired(rows, seeds, key)
