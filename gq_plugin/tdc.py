@@ -102,6 +102,9 @@ class TDCSettings:
         tdc_rule: ``"band"`` (default) or ``"reference"`` (the authors' rule); see the module docstring.
         tdc_quantile: band rule: ``lam_max`` grows while more than ``1 - tdc_quantile`` of the rates
             are over budget (it steers that quantile to ``T + alpha``; ``lam_min`` likewise below).
+        tdc_hinge: band rule: where the over-budget hinge starts, as a fraction of ``alpha`` above
+            ``T``: 0 puts it at ``T`` (the paper's lossless budget), 0.5 at ``T + alpha/2``; in [0, 1)
+            (at 1 it would coincide with the edge that defines "over budget"; see the module docstring).
 
     Serialise with :meth:`as_dict` (JSON-able); rebuild with :meth:`from_dict`, which names an
     unknown key or a bad value in a ``ValueError``. To add a setting, add a field here (with its
@@ -116,6 +119,7 @@ class TDCSettings:
     lam_global_range: tuple[float, float] = (1e-3, 1e3)
     tdc_rule: str = "band"
     tdc_quantile: float = 0.99
+    tdc_hinge: float = 0.0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise in place once
@@ -125,6 +129,10 @@ class TDCSettings:
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.5 <= q < 1.0:
             raise ValueError(f"tdc_quantile must be in [0.5, 1), got {q!r}")
         set_(self, "tdc_quantile", float(q))
+        h = self.tdc_hinge
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0.0 <= h < 1.0:
+            raise ValueError(f"tdc_hinge must be in [0, 1) (a fraction of the tolerance alpha above log2 K), got {h!r}")
+        set_(self, "tdc_hinge", float(h))
         default_max, default_min = _DEFAULT_RANGES[self.tdc_rule]  # None: the rule's default clamps
         if self.lam_max_range is None:
             set_(self, "lam_max_range", default_max)
@@ -250,8 +258,13 @@ class TargetDivergenceConstraint(nn.Module):
     rule = property(lambda self: self.settings.tdc_rule)
     quantile = property(lambda self: self.settings.tdc_quantile)
 
+    @property
+    def hinge_bits(self) -> float:
+        """Band rule: the rate (bits) above which the ``lam_max`` hinge charges, ``T + tdc_hinge * alpha``."""
+        return self.target_bits + self.settings.tdc_hinge * self.tolerance
+
     def extra_repr(self) -> str:
-        q = f", quantile={self.quantile}" if self.rule == "band" else ""
+        q = f", quantile={self.quantile}, hinge_bits={self.hinge_bits}" if self.rule == "band" else ""
         return f"target_bits={self.target_bits}, tolerance={self.tolerance}, eps={self.eps}, rule={self.rule!r}{q}, auto_step={self.auto_step}"
 
     # ------------------------------------------------------------------ loss
@@ -271,7 +284,8 @@ class TargetDivergenceConstraint(nn.Module):
     def per_sample_loss(self, rates: torch.Tensor) -> torch.Tensor:
         """The loss for each sample: (B, ...) bits -> (B,).
 
-        reference: ``lam * sum(w * R)``; band: ``sum(lam * w * R + lam_max * max(R - T - alpha, 0))``."""
+        reference: ``lam * sum(w * R)``; band: ``sum(lam * w * R + lam_max * max(R - hinge_bits, 0))``
+        (``hinge_bits = T + tdc_hinge * alpha``)."""
         if rates.ndim < 1 or rates.shape[0] == 0:
             raise ValueError(f"rates must be (B, ...) with B > 0, got shape {tuple(rates.shape)}")
         w = self.weights(rates)
@@ -279,7 +293,7 @@ class TargetDivergenceConstraint(nn.Module):
         # clone: step() updates the buffers in place, which must not touch the autograd graph
         per_sample = self.lam_global.clone().to(rates.dtype) * per_sample
         if self.rule == "band":
-            excess = (rates - self.target_bits).clamp_min(0)
+            excess = (rates - self.hinge_bits).clamp_min(0)
             excess = excess.flatten(1).sum(1) if rates.ndim > 1 else excess
             per_sample = per_sample + self.lam_max.clone().to(rates.dtype) * excess
         return per_sample

@@ -50,16 +50,19 @@ def test_every_gq_setting_in_a_recipe_reaches_the_quantizer():
     from gq_plugin.lab.models import build_model
 
     overrides = ["quantizer.search_backend=torch", "quantizer.tolerance=0.25", "quantizer.lam_max_range=[1.0,50.0]",
-                 "quantizer.logvar_range=[-10.0,5.0]", "quantizer.tile_k=512"]
+                 "quantizer.logvar_range=[-10.0,5.0]", "quantizer.tile_k=512", "quantizer.tdc_hinge=0.5"]
     vae, _ = build_model(load_config("tiny_cpu", overrides))
     s = vae.gq_quantizer.settings
-    assert (s.search_backend, s.tdc.tolerance, s.tdc.lam_max_range, s.logvar_range, s.tile_k) == (
-        "torch", 0.25, (1.0, 50.0), (-10.0, 5.0), 512)
+    assert (s.search_backend, s.tdc.tolerance, s.tdc.lam_max_range, s.logvar_range, s.tile_k, s.tdc.tdc_hinge) == (
+        "torch", 0.25, (1.0, 50.0), (-10.0, 5.0), 512, 0.5)
+    assert vae.gq_quantizer.tdc.hinge_bits == pytest.approx(10.0 + 0.5 * 0.25)  # K = 2^10
 
 
 def test_recipe_settings_validated_by_gqconfig_and_dead_keys_gone():
     with pytest.raises(ValueError, match="quantizer: lam_factor must be finite and > 1"):
         load_config("tiny_cpu", ["quantizer.lam_factor=0.9"])
+    with pytest.raises(ValueError, match=r"quantizer: tdc_hinge must be in \[0, 1\)"):
+        load_config("tiny_cpu", ["quantizer.tdc_hinge=1.5"])
     with pytest.raises(ValueError, match="quantizer: search_backend must be None, 'auto' or one of"):
         load_config("tiny_cpu", ["quantizer.search_backend=gpu"])
     with pytest.raises(ValueError, match=r"unknown key\(s\) in quantizer: \['tolerence'\]"):

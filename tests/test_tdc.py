@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from _gloo import finish_worker
 
 from gq_plugin.rate import band_statistics, group_rates
-from gq_plugin.tdc import TargetDivergenceConstraint
+from gq_plugin.tdc import TargetDivergenceConstraint, TDCSettings
 
 
 def test_loss_matches_definition():
@@ -71,6 +71,25 @@ def test_band_loss_matches_definition():
     r = torch.tensor([[6.0]], requires_grad=True)
     tdc.loss(r).backward()
     assert r.grad.item() == pytest.approx(1e-3 + 10.0)
+
+
+def test_band_hinge_offset_moves_where_the_hinge_charges():
+    # tdc_hinge = 0.5: the hinge starts at T + alpha/2 = 4.25 instead of T = 4 (alpha = 0.5)
+    tdc = TargetDivergenceConstraint(target_bits=4.0, tolerance=0.5, tdc_hinge=0.5, auto_step=False)
+    assert tdc.hinge_bits == 4.25 and "hinge_bits=4.25" in repr(tdc)
+    tdc.lam_max.fill_(10.0)
+    rates = torch.tensor([[5.0, 4.2, 4.1, 3.0]], requires_grad=True)
+    v = torch.tensor([[1.0, 1.0, 1.0, 1.0]])  # lam_min is 1 at start: every group weighs 1 in the lam term
+    expected = (v * rates.detach()).sum() + 10.0 * (0.75 + 0.0 + 0.0 + 0.0)
+    loss = tdc.loss(rates)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    torch.testing.assert_close(rates.grad, torch.tensor([[11.0, 1.0, 1.0, 1.0]]))  # only 5.0 is above 4.25 (4.2, 4.1: above T, below the hinge)
+    # the setting travels with the others and is the band rule's only: the reference rule ignores it
+    assert TDCSettings.from_dict(tdc.settings.as_dict()).tdc_hinge == 0.5
+    ref = TargetDivergenceConstraint(target_bits=4.0, tolerance=0.5, tdc_hinge=0.5, rule="reference", auto_step=False)
+    plain = TargetDivergenceConstraint(target_bits=4.0, tolerance=0.5, rule="reference", auto_step=False)
+    torch.testing.assert_close(ref.loss(rates.detach()), plain.loss(rates.detach()))
 
 
 def test_band_update_follows_shares_not_extremes():
@@ -228,6 +247,11 @@ def test_band_rule_holds_the_quantile_on_toy_problem(one_thread):
     assert b.over_budget <= 0.15, b
     assert final[:, 3].median() == pytest.approx(target, abs=0.05)  # demand 1000: on the hinge at T
     assert 1e-2 < tdc.lam_max.item() < 1e4  # inside its clamps
+    # with the hinge moved to T + alpha/2, the high-demand groups settle there, still inside the band
+    half = TargetDivergenceConstraint(target_bits=target, tolerance=alpha, eps=0.02, quantile=0.9, tdc_hinge=0.5)
+    final_half = _fit_toy(half)
+    assert final_half[:, 3].median() == pytest.approx(target + alpha / 2, abs=0.05)
+    assert band_statistics(final_half, target, alpha).over_budget <= 0.15
     strict = TargetDivergenceConstraint(target_bits=target, tolerance=alpha, eps=0.02, quantile=0.99)
     b99 = band_statistics(_fit_toy(strict), target, alpha)
     assert b99.over_budget <= 0.03 and b99.over_budget <= b.over_budget, (b99, b)
@@ -280,6 +304,9 @@ def test_two_process_gloo_ranks_end_with_identical_multipliers(rule):
         (dict(target_bits=4.0, rule="paper"), "rule"),
         (dict(target_bits=4.0, quantile=1.0), "quantile"),
         (dict(target_bits=4.0, quantile=0.2), "quantile"),
+        (dict(target_bits=4.0, tdc_hinge=1.0), "tdc_hinge"),
+        (dict(target_bits=4.0, tdc_hinge=-0.1), "tdc_hinge"),
+        (dict(target_bits=4.0, tdc_hinge="half"), "tdc_hinge"),
     ],
 )
 def test_bad_arguments(kwargs, word):
