@@ -47,6 +47,7 @@ def test_plan_spends_equal_bits_on_every_quantized_row():
     # the paper's vanilla keeps the pretraining's fixed KL weight; the rate-matched one only moves lam
     assert finetunes["vanilla-fixed"] == {"name": "kl", "weight": pretrained.SCALES["tiny"]["kl_weight"]}
     assert finetunes["vanilla-matched"]["lam_max_range"] == [1.0, 1.0] and finetunes["tdc"]["tdc_rule"] == "band"
+    assert finetunes["tdc"]["tdc_hinge"] == 0.0  # pinned: the rows were measured with the hinge at log2 K
     # every fine-tune has exactly one row that selects its LR
     for t in finetunes:
         assert sum(1 for sp in rows.values() if sp["train"] == t and sp.get("key")) == 1, t

@@ -81,8 +81,8 @@ def test_train_mode_sample_and_tdc_loss():
     rates = q.rates(mean, logvar)  # (B, H, W, G)
     w = q.tdc.weights(rates)
     assert q.tdc.num_steps.item() == 1  # auto step after computing the loss with the old multipliers
-    # multipliers were all 1; band rule (default): sum R + sum max(R - log2 K, 0)
-    expected = (rates * torch.ones_like(w) + (rates - 8.0).clamp_min(0)).flatten(1).sum(1).mean()
+    # multipliers were all 1; band rule (default, hinge at log2 K + alpha/2 = 8.25): sum R + sum max(R - 8.25, 0)
+    expected = (rates * torch.ones_like(w) + (rates - 8.25).clamp_min(0)).flatten(1).sum(1).mean()
     torch.testing.assert_close(loss, expected)
     ref = GaussianQuantizer(16, 2**8, 8, accept_image_fmap=True, tdc_rule="reference")
     assert ref.settings.flat()["tdc_rule"] == "reference" and q.settings.flat()["tdc_rule"] == "band"

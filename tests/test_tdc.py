@@ -50,15 +50,17 @@ def test_update_rule_and_clamps():
 
 
 def test_band_loss_matches_definition():
-    tdc = TargetDivergenceConstraint(target_bits=4.0, tolerance=0.5)  # rule="band" is the default
-    assert tdc.rule == "band" and tdc.quantile == 0.99
+    # rule="band" is the default; tdc_hinge=0 puts the hinge at T (the default, 0.5: see the next test)
+    assert TargetDivergenceConstraint(target_bits=4.0).settings.tdc_hinge == 0.5
+    tdc = TargetDivergenceConstraint(target_bits=4.0, tolerance=0.5, tdc_hinge=0.0)
+    assert tdc.rule == "band" and tdc.quantile == 0.99 and tdc.hinge_bits == 4.0
     tdc.lam_global.fill_(2.0)
     tdc.lam_max.fill_(10.0)
     tdc.lam_min.fill_(0.1)
     rates = torch.tensor([[[5.0, 4.25], [3.0, 4.5]], [[4.75, 1.0], [3.5, 3.75]]], requires_grad=True)
     # lam-scaled term: weight lam_min below the band (3.0, 1.0), 1 elsewhere (no lam_max factor)
     v = torch.tensor([[[1.0, 1.0], [0.1, 1.0]], [[1.0, 0.1], [1.0, 1.0]]])
-    excess = (rates.detach() - 4.0).clamp_min(0)  # the hinge starts at the target T = log2 K
+    excess = (rates.detach() - 4.0).clamp_min(0)  # tdc_hinge=0: the hinge starts at the target T = log2 K
     expected = (2.0 * (v * rates.detach()).sum(dim=(1, 2)) + 10.0 * excess.sum(dim=(1, 2))).mean()
     loss = tdc.loss(rates)
     torch.testing.assert_close(loss, expected)
@@ -239,20 +241,20 @@ def test_tdc_pushes_rates_into_band_on_toy_problem(one_thread):
 def test_band_rule_holds_the_quantile_on_toy_problem(one_thread):
     # The band rule steers the share over budget to 1 - quantile (here 10 %, a visible target on
     # 128 rates) instead of forcing every group into the band: over-budget share near 10 %, the
-    # high-demand groups sit at the hinge (the target T), and lam_max settles (no clamp).
+    # high-demand groups sit at the hinge (tdc_hinge=0: the target T), and lam_max settles (no clamp).
     target, alpha = 8.0, 0.5
-    tdc = TargetDivergenceConstraint(target_bits=target, tolerance=alpha, eps=0.02, quantile=0.9)
+    tdc = TargetDivergenceConstraint(target_bits=target, tolerance=alpha, eps=0.02, quantile=0.9, tdc_hinge=0.0)
     final = _fit_toy(tdc)
     b = band_statistics(final, target, alpha)
     assert b.over_budget <= 0.15, b
     assert final[:, 3].median() == pytest.approx(target, abs=0.05)  # demand 1000: on the hinge at T
     assert 1e-2 < tdc.lam_max.item() < 1e4  # inside its clamps
-    # with the hinge moved to T + alpha/2, the high-demand groups settle there, still inside the band
-    half = TargetDivergenceConstraint(target_bits=target, tolerance=alpha, eps=0.02, quantile=0.9, tdc_hinge=0.5)
+    # with the hinge at T + alpha/2 (the default), the high-demand groups settle there, still inside the band
+    half = TargetDivergenceConstraint(target_bits=target, tolerance=alpha, eps=0.02, quantile=0.9)
     final_half = _fit_toy(half)
     assert final_half[:, 3].median() == pytest.approx(target + alpha / 2, abs=0.05)
     assert band_statistics(final_half, target, alpha).over_budget <= 0.15
-    strict = TargetDivergenceConstraint(target_bits=target, tolerance=alpha, eps=0.02, quantile=0.99)
+    strict = TargetDivergenceConstraint(target_bits=target, tolerance=alpha, eps=0.02, quantile=0.99, tdc_hinge=0.0)
     b99 = band_statistics(_fit_toy(strict), target, alpha)
     assert b99.over_budget <= 0.03 and b99.over_budget <= b.over_budget, (b99, b)
 

@@ -64,7 +64,7 @@ def write_section(out: Path, scale: str, rows: dict, finetunes: dict, s: dict, s
          "quantized row (GQ K = 2^12, m = 6; VQ 2^12; FSQ [8, 8, 8, 8]; LFQ / BSQ 12 bits; TokenBridge 2 bits x 6 channels) = "
          f"{12 / 4 ** (len(s['model']['block_out_channels']) - 1):g} bpp.",
          "* `vanilla-fixed` = the paper's vanilla (the pretraining's fixed KL weight, no rate matching); `vanilla-matched` = only "
-         "TDC's global multiplier (a KL weight steered to a mean rate of log2 K). `tdc` = TDC with the default band rule, "
+         "TDC's global multiplier (a KL weight steered to a mean rate of log2 K). `tdc` = TDC with the band rule, its hinge at log2 K (`tdc_hinge: 0`, the default when these rows were measured; today's default is log2 K + alpha/2), "
          "`tdc-ref` = the authors' rule.",
          f"* Commands: `{cmd}` (each result file records its own command). Machine: {machine}.", ""]
     L += ["## Chosen LR per method (seed 0)", "", "| fine-tune | chosen LR |", "|---|---|"]

@@ -129,6 +129,29 @@ def noise_floor(rows: dict, name: str, seeds: list[int]) -> list[str]:
     return ["## Noise floor", "", *L, ""] if L else []
 
 
+def default_goal(rows: dict, name: str, seeds: list[int], steps: int) -> list[str]:
+    """The issue's goal checked for the variant ``name`` that is the library's default band rule now."""
+    have = [s for s in seeds if (name, s) in rows]
+    if not have:
+        return []
+    over = [rows[(name, s)]["band"]["over_budget"] for s in have]
+    L = [f"## The goal for today's default (`{name}` in the variants table)", "",
+         f"* At most 5 % of held-out rates over budget after {steps} steps: "
+         + ("**met**" if all(o <= GOAL_OVER for o in over) else "**not met**") + " on "
+         + ", ".join(f"seed {s}: {100 * o:.1f} %" for s, o in zip(have, over)) + "."]
+    for what, key in (("GQ PSNR", _psnr_gq), ("continuous PSNR", _psnr_cont), ("GQ conversion loss", _conv_loss)):
+        p = _paired(rows, have, key, name, "reference")
+        d = [x - y for _, x, y in p]
+        if not d:
+            continue
+        lower_better = key is _conv_loss
+        wins = sum((x < 0) if lower_better else (x > 0) for x in d)
+        L.append(f"* {what} minus `reference`, paired by seed: " + " / ".join(f"{x:+.2f}" for x in d)
+                 + f" dB (mean {statistics.fmean(d):+.2f}" + (f", sd {statistics.stdev(d):.2f}" if len(d) > 1 else "")
+                 + f"; `{name}` better on {wins} of {len(d)} seeds).")
+    return L + [""]
+
+
 def variants_section(rows: dict, args, seeds: list[int]) -> list[str]:
     """Table of the band-rule variants tried (``--variant``), paired by seed against both rules."""
     if not args.variant:
@@ -228,6 +251,8 @@ def report(rows: dict, args) -> Path:
               verdicts.get("PSNR continuous (dB)", {}).get("band_not_worse_on_every_seed") else "**not met**")
              + f" on the {n_pairs} seed(s) measured" if n_pairs else "not measured yet")
           + (f"; {len(seeds) - n_pairs} seed(s) still missing (see the per-seed table)." if n_pairs < len(seeds) else "."), ""]
+    if args.default:
+        L += default_goal(rows, args.default, seeds, steps)
     if args.noise_variant:
         L += noise_floor(rows, args.noise_variant, seeds)
     L += variants_section(rows, args, seeds)
@@ -296,6 +321,7 @@ def main(argv=None) -> int:
                    help="NAME=DIR=DESCRIPTION: band-rule variant runs DIR/seed<k>/, paired against both rules in their own table")
     p.add_argument("--noise-variant", default=None, help="the --variant NAME that only perturbs the band rule (noise floor)")
     p.add_argument("--note", action="append", default=[], help="a line added to the setup list (provenance of the runs)")
+    p.add_argument("--default", default=None, help="the --variant NAME that is the library's default band rule now (its goal is checked too)")
     p.add_argument("--override", action="append", default=[],
                    help="a recipe override the runs were trained with (e.g. quantizer.codebook_size=64), shown in the training command")
     args = p.parse_args(argv)
