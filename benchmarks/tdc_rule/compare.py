@@ -156,16 +156,17 @@ def variants_section(rows: dict, args, seeds: list[int]) -> list[str]:
     """Table of the band-rule variants tried (``--variant``), paired by seed against both rules."""
     if not args.variant:
         return []
-    L = ["## Band-rule variants tried (not adopted)", "",
+    dflt = args.default
+    L = ["## Band-rule variants tried" + (f" (`{dflt}` is today's default; the others were not adopted)" if dflt else " (not adopted)"), "",
          ("Same recipe, same seeds; each row changes one thing in the `band` rule. Paired differences in dB, seeds "
           + " / ".join(str(s) for s in seeds) + "."), "",
          ("| variant | seeds | over budget | in band | under budget | PSNR GQ | GQ PSNR minus `reference` | GQ PSNR minus `band` | "
-          "continuous PSNR minus `reference` |"),
-         "|---|---|---|---|---|---|---|---|---|"]
+          + (f"GQ PSNR minus `{dflt}` | " if dflt else "") + "continuous PSNR minus `reference` |"),
+         "|---|---|---|---|---|---|---|---|---|" + ("---|" if dflt else "")]
     for name, _, desc in args.variant:
         have = [s for s in seeds if (name, s) in rows]
         if not have:
-            L.append(f"| `{name}`: {desc} | *not run yet* |" + " |" * 7)
+            L.append(f"| `{name}`: {desc} | *not run yet* |" + " |" * (8 if dflt else 7))
             continue
         b = [rows[(name, s)]["band"] for s in have]
         g = [_psnr_gq(rows[(name, s)]) for s in have]
@@ -175,6 +176,7 @@ def variants_section(rows: dict, args, seeds: list[int]) -> list[str]:
                  + " / ".join(f"{100 * x['under_budget']:.0f}" for x in b) + " % | "
                  + " / ".join(f"{x:.2f}" for x in g) + " | "
                  + _diffs(_paired(rows, have, _psnr_gq, name, "reference")) + " | " + _diffs(_paired(rows, have, _psnr_gq, name, "band")) + " | "
+                 + ((_diffs(_paired(rows, have, _psnr_gq, name, dflt)) if name != dflt else "-") + " | " if dflt else "")
                  + _diffs(_paired(rows, have, _psnr_cont, name, "reference")) + " |")
     L.append("")
     return L
