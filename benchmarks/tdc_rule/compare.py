@@ -223,8 +223,8 @@ def report(rows: dict, args) -> Path:
     L += ["", "## Paired by seed (band minus reference, same seed)", ""]
     verdicts = {}
     checks = [("over-budget share (points of %)", lambda r: 100 * r["band"]["over_budget"], False),
-              ("PSNR GQ (dB)", lambda r: r["gq"]["PSNR"], True),
-              ("PSNR continuous (dB)", lambda r: r["continuous"]["PSNR"], True),
+              ("PSNR GQ (dB)", _psnr_gq, True),
+              ("PSNR continuous (dB)", _psnr_cont, True),
               # what the rule is for: the PSNR the GQ conversion itself costs (continuous minus GQ, same model)
               ("GQ conversion loss (dB, continuous minus GQ)", _conv_loss, False),
               ("LPIPS-alex GQ", lambda r: r["gq"]["LPIPS-alex"], False)]
