@@ -98,6 +98,13 @@ def _pair(name: str, value) -> tuple[float, float]:
     return lo, hi
 
 
+def _in_unit_interval(name: str, value, low: float, hint: str = "") -> float:
+    """``value`` as a float in ``[low, 1)``; ``ValueError`` naming the setting otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < 1.0:
+        raise ValueError(f"{name} must be in [{low:g}, 1){hint}, got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class TDCSettings:
     """The TDC settings: the single source of their names, defaults and validation.
@@ -134,14 +141,8 @@ class TDCSettings:
         set_ = object.__setattr__  # frozen: normalise in place once
         if self.tdc_rule not in RULES:
             raise ValueError(f"tdc_rule must be one of {RULES}, got {self.tdc_rule!r}")
-        q = self.tdc_quantile
-        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.5 <= q < 1.0:
-            raise ValueError(f"tdc_quantile must be in [0.5, 1), got {q!r}")
-        set_(self, "tdc_quantile", float(q))
-        h = self.tdc_hinge
-        if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0.0 <= h < 1.0:
-            raise ValueError(f"tdc_hinge must be in [0, 1) (a fraction of the tolerance alpha above log2 K), got {h!r}")
-        set_(self, "tdc_hinge", float(h))
+        set_(self, "tdc_quantile", _in_unit_interval("tdc_quantile", self.tdc_quantile, 0.5))
+        set_(self, "tdc_hinge", _in_unit_interval("tdc_hinge", self.tdc_hinge, 0.0, " (a fraction of the tolerance alpha above log2 K)"))
         default_max, default_min = _DEFAULT_RANGES[self.tdc_rule]  # None: the rule's default clamps
         if self.lam_max_range is None:
             set_(self, "lam_max_range", default_max)
