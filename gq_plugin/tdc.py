@@ -62,7 +62,10 @@ recipe (600 steps, K = 2^10, m = 4, seeds 0-5): all three multipliers at their c
 
 Other band variants measured (benchmarks/tdc_rule/RESULTS.md and k64/RESULTS.md: ``quantile=0.97``,
 a lift that pushes under-budget rates up into the band, at K = 2^10; the default plus that lift,
--0.05 dB against the default at K = 2^6 and -0.09 dB at K = 2^10) were no better on every seed.
+-0.05 dB against the default at K = 2^6 and -0.09 dB at K = 2^10; the hinge at ``T + 3 alpha/4``,
++0.02 dB against the default at K = 2^6) were no better on every seed. Over all runs at K = 2^6,
+continuous PSNR grows +0.44 dB per bit of mean rate but the GQ conversion loss grows too
+(+0.28 dB per bit), so GQ PSNR barely follows the rate a rule lets the model spend (+0.16 dB per bit).
 
 Both rules: the multipliers are buffers (saved in checkpoints, restored on resume), ``lam_max``
 can decay again (the authors' pre-2026 code only ratcheted it up), the statistics are

@@ -258,6 +258,7 @@ def report(rows: dict, args) -> Path:
     if args.noise_variant:
         L += noise_floor(rows, args.noise_variant, seeds)
     L += variants_section(rows, args, seeds)
+    L += rate_psnr_section(rows, args, seeds)
     plot = plot_rates(rows, Path(args.out), seeds)
     if plot:
         L += [f"![held-out group rates, reference vs band]({plot.name})", ""]
@@ -267,6 +268,78 @@ def report(rows: dict, args) -> Path:
         {"command": _command(), "rows": {f"{k[0]}-seed{k[1]}": v for k, v in rows.items()}, "paired": verdicts,
          "goal": {"over_budget_at_most_5pct_every_band_seed": goal_over, "seeds_measured": n_pairs}}, indent=2, default=float))
     return path
+
+
+def _names(args) -> list[str]:
+    """The rules and the ``--variant`` names, in report order."""
+    return [*RULES, *(name for name, _, _ in args.variant)]
+
+
+def rate_psnr_section(rows: dict, args, seeds: list[int]) -> list[str]:
+    """Mean held-out rate against continuous PSNR, GQ PSNR and the conversion loss, per rule and variant:
+    where the rules differ in continuous PSNR, does it follow the rate they spend, and does GQ PSNR?"""
+    table = []
+    for name in _names(args):
+        have = [s for s in seeds if (name, s) in rows]
+        if not have:
+            continue
+        rs = [rows[(name, s)] for s in have]
+        mean = statistics.fmean
+        table.append(f"| `{name}` | {len(have)} | {mean(r['band']['mean'] for r in rs):.2f} | {mean(100 * r['band']['over_budget'] for r in rs):.1f} % | "
+                     f"{mean(_psnr_cont(r) for r in rs):.2f} | {mean(_psnr_gq(r) for r in rs):.2f} | {mean(_conv_loss(r) for r in rs):.2f} |")
+    if not table:
+        return []
+    runs = [r for (name, s), r in rows.items() if s in seeds and name in _names(args)]
+    x = [r["band"]["mean"] for r in runs]
+    fits = []
+    if len(runs) > 2 and statistics.pstdev(x) > 0:
+        for what, key in (("continuous PSNR", _psnr_cont), ("GQ PSNR", _psnr_gq), ("the GQ conversion loss", _conv_loss)):
+            y = [key(r) for r in runs]
+            slope, _ = statistics.linear_regression(x, y)
+            fits.append(f"{what} {slope:+.2f} dB per bit (r = {statistics.correlation(x, y):+.2f})")
+    L = ["## Rate versus PSNR", "",
+         "Means over each row's seeds (rows with fewer seeds are not paired with the others). "
+         + (f"Least-squares fit over all {len(runs)} runs against their mean held-out rate: " + "; ".join(fits) + "." if fits else ""), "",
+         "| rule / variant | seeds | mean rate (bits per group) | over budget | PSNR continuous | PSNR GQ | GQ conversion loss (dB) |",
+         "|---|---|---|---|---|---|---|", *table, ""]
+    plot = plot_psnr_rate(rows, Path(args.out), seeds, _names(args))
+    if plot:
+        L += [f"![continuous and GQ PSNR against the mean held-out rate, every run]({plot.name})", ""]
+    return L
+
+
+def plot_psnr_rate(rows: dict, out: Path, seeds: list[int], names: list[str]) -> Path | None:
+    """Two panels, one point per run: continuous and GQ PSNR against the run's mean held-out group rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120, sharey=True)
+    t = None
+    for i, name in enumerate(names):
+        have = [s for s in seeds if (name, s) in rows]
+        if not have:
+            continue
+        rs = [rows[(name, s)] for s in have]
+        x = [r["band"]["mean"] for r in rs]
+        t = rs[0]["band"]["target_bits"]
+        for ax, key in zip(axes, (_psnr_cont, _psnr_gq)):
+            ax.scatter(x, [key(r) for r in rs], color=f"C{i}", marker="os^vDP*X"[i % 8], s=22, label=f"{name} ({len(have)} seeds)")
+    if t is None:
+        plt.close(fig)
+        return None
+    for ax, what in zip(axes, ("continuous VAE, decode(mean)", "GQ, decode(z_hat)")):
+        ax.axvline(t, color="gray", lw=0.8, ls="--")
+        ax.set_xlabel(f"mean held-out group rate (bits; log2 K = {t:g})")
+        ax.set_title(what, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("PSNR (dB)")
+    axes[1].legend(fontsize=6)
+    fig.suptitle(f"Rate spent vs PSNR per run (tiny_cpu, K = 2^{t:g})", fontsize=10)
+    from gq_plugin.lab.plots import save_figure
+
+    return save_figure(fig, out / "psnr_vs_rate.png")
 
 
 def _run_config(args, seeds) -> dict:
