@@ -96,6 +96,12 @@ def _diffs(p) -> str:
     return " / ".join(f"{x - y:+.2f}" for _, x, y in p) + (f" (mean {statistics.fmean(x - y for _, x, y in p):+.2f})" if p else "")
 
 
+def _seed_rows(rows: dict, name: str, seeds: list[int]) -> tuple[list[int], list[dict]]:
+    """The seeds that rule or variant ``name`` has a result for, and those results."""
+    have = [s for s in seeds if (name, s) in rows]
+    return have, [rows[(name, s)] for s in have]
+
+
 def _psnr_gq(r: dict) -> float:
     return r["gq"]["PSNR"]
 
@@ -131,10 +137,10 @@ def noise_floor(rows: dict, name: str, seeds: list[int]) -> list[str]:
 
 def default_goal(rows: dict, name: str, seeds: list[int], steps: int) -> list[str]:
     """The issue's goal checked for the variant ``name`` that is the library's default band rule now."""
-    have = [s for s in seeds if (name, s) in rows]
+    have, rs = _seed_rows(rows, name, seeds)
     if not have:
         return []
-    over = [rows[(name, s)]["band"]["over_budget"] for s in have]
+    over = [r["band"]["over_budget"] for r in rs]
     L = [f"## The goal for today's default (`{name}` in the variants table)", "",
          f"* At most 5 % of held-out rates over budget after {steps} steps: "
          + ("**met**" if all(o <= GOAL_OVER for o in over) else "**not met**") + " on "
@@ -164,12 +170,12 @@ def variants_section(rows: dict, args, seeds: list[int]) -> list[str]:
           + (f"GQ PSNR minus `{dflt}` | " if dflt else "") + "continuous PSNR minus `reference` |"),
          "|---|---|---|---|---|---|---|---|---|" + ("---|" if dflt else "")]
     for name, _, desc in args.variant:
-        have = [s for s in seeds if (name, s) in rows]
+        have, rs = _seed_rows(rows, name, seeds)
         if not have:
             L.append(f"| `{name}`: {desc} | *not run yet* |" + " |" * (8 if dflt else 7))
             continue
-        b = [rows[(name, s)]["band"] for s in have]
-        g = [_psnr_gq(rows[(name, s)]) for s in have]
+        b = [r["band"] for r in rs]
+        g = [_psnr_gq(r) for r in rs]
         L.append(f"| `{name}`: {desc} | {', '.join(map(str, have))} | "
                  + " / ".join(f"{100 * x['over_budget']:.1f}" for x in b) + " % | "
                  + " / ".join(f"{100 * x['in_band']:.0f}" for x in b) + " % | "
@@ -278,18 +284,17 @@ def _names(args) -> list[str]:
 def rate_psnr_section(rows: dict, args, seeds: list[int]) -> list[str]:
     """Mean held-out rate against continuous PSNR, GQ PSNR and the conversion loss, per rule and variant:
     where the rules differ in continuous PSNR, does it follow the rate they spend, and does GQ PSNR?"""
-    table = []
+    table, runs = [], []
+    mean = statistics.fmean
     for name in _names(args):
-        have = [s for s in seeds if (name, s) in rows]
+        have, rs = _seed_rows(rows, name, seeds)
         if not have:
             continue
-        rs = [rows[(name, s)] for s in have]
-        mean = statistics.fmean
+        runs += rs
         table.append(f"| `{name}` | {len(have)} | {mean(r['band']['mean'] for r in rs):.2f} | {mean(100 * r['band']['over_budget'] for r in rs):.1f} % | "
                      f"{mean(_psnr_cont(r) for r in rs):.2f} | {mean(_psnr_gq(r) for r in rs):.2f} | {mean(_conv_loss(r) for r in rs):.2f} |")
     if not table:
         return []
-    runs = [r for (name, s), r in rows.items() if s in seeds and name in _names(args)]
     x = [r["band"]["mean"] for r in runs]
     fits = []
     if len(runs) > 2 and statistics.pstdev(x) > 0:
@@ -318,10 +323,9 @@ def plot_psnr_rate(rows: dict, out: Path, seeds: list[int], names: list[str]) ->
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120, sharey=True)
     t = None
     for i, name in enumerate(names):
-        have = [s for s in seeds if (name, s) in rows]
+        have, rs = _seed_rows(rows, name, seeds)
         if not have:
             continue
-        rs = [rows[(name, s)] for s in have]
         x = [r["band"]["mean"] for r in rs]
         t = rs[0]["band"]["target_bits"]
         for ax, key in zip(axes, (_psnr_cont, _psnr_gq)):
