@@ -9,7 +9,8 @@ of a patched model keep working):
   are kept in the record;
 * ``attrs``: attributes set with ``setattr`` (the ``gq_quantizer`` submodule, taming's widened
   ``quant_conv``, TokenBridge's ``reconstruction_values``); their previous values, or their
-  absence, are kept in the record;
+  absence, are kept in the record. Modules among them are put in the host's mode
+  (``train()``/``eval()``) as they are attached;
 * ``data``: host values the patched methods read (TokenBridge's ``scale``).
 
 :func:`uninstall` restores all of it exactly. Host-specific undo steps (taming copies the trained
@@ -121,7 +122,12 @@ def install(model, host: str, *, methods: dict | None = None, attrs: dict | None
         "added": [n for n in attrs if not hasattr(model, n)],
         "data": dict(data or {}),
     }
+    training = getattr(model, "training", None)
     for name, value in attrs.items():
+        if isinstance(training, bool) and callable(getattr(value, "train", None)) and hasattr(value, "training"):
+            # a new nn.Module starts in training mode; the patched-in one follows its host's mode, so a
+            # model patched (or loaded) in eval is GQ in eval at once, without a second eval() call
+            value.train(training)
         setattr(model, name, value)
     for name, fn in methods.items():
         object.__setattr__(model, name, BoundPatch(fn, model))

@@ -148,7 +148,6 @@ def patch_ldm_autoencoder(model, K: int = 2**16, m: int | None = None, *, tdc_we
     ref = next(iter(model.quant_conv.parameters()), None) if hasattr(model.quant_conv, "parameters") else None
     if ref is not None:
         quantizer.to(ref.device)
-    quantizer.train(bool(getattr(model, "training", True)))
     _patch.install(model, "ldm", methods=_METHODS, attrs={_patch.QUANTIZER_ATTR: quantizer},
                    data={"tdc_weight": tdc_weight, "host_kl_weight": host_kl_weight})
     return model

@@ -241,7 +241,6 @@ def patch_sgm_autoencoder(engine, K: int = 2**16, m: int | None = None, *, dim: 
     ref = next(iter(engine.encoder.parameters()), None)
     if ref is not None:
         reg.to(ref.device)
-    reg.train(bool(getattr(engine, "training", True)))
     _patch.install(engine, "sgm", attrs={"regularization": reg}, quantizer="regularization")
     return engine
 

@@ -65,6 +65,7 @@ class GQAutoencoderWrapper(nn.Module):
         self.model = model
         self.bottleneck = bottleneck
         self.return_indices_in_train = return_indices_in_train
+        self.train(model.training)  # follow the wrapped model's mode: a wrapper of an eval model is GQ at once
 
     @property
     def quantizer(self):
