@@ -224,3 +224,17 @@ def test_plain_diagonal_gaussian_still_maps_to_the_named_class():
     adapters.patch_autoencoder_kl(vae, K=K)
     post = vae.encode(x).latent_dist
     assert type(post) is adapters.GQDiagonalGaussianDistribution and isinstance(post, DiagonalGaussianDistribution)
+
+
+def test_wrapper_routes_a_video_vae_through_forward():
+    vae, x = zoo.build("AutoencoderKLWan")
+    adapters.patch_autoencoder_kl(vae, K=K, m=2)
+    model = adapters.GQAutoencoderWrapper(vae).train()
+    out = model(x)
+    assert out.sample.shape == x.shape and out.loss.ndim == 0 and out.indices is None
+    out.loss.backward()
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        assert torch.equal(out.indices, vae.encode_indices(x)) and out.indices.ndim == 5
+        assert torch.equal(out.sample, vae.decode_indices(out.indices).sample)

@@ -54,6 +54,16 @@ def from_host_layout(indices: torch.Tensor) -> torch.Tensor:
     return _layout.from_host_layout(indices)
 
 
+def posterior_of(encoded):
+    """The posterior in what a host's ``encode`` returns: diffusers' ``.latent_dist``, the first item
+    of a tuple (``return_dict=False``), or the posterior itself (ldm)."""
+    if hasattr(encoded, "latent_dist"):
+        return encoded.latent_dist
+    if isinstance(encoded, tuple):
+        return encoded[0]
+    return encoded
+
+
 class GQPosteriorMixin:
     """GQ/TDC behaviour for a diagonal-Gaussian posterior with ``mean``/``logvar`` on dim 1.
 

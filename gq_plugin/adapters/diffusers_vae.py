@@ -38,7 +38,7 @@ from ..quantizer import GaussianQuantizer, GQConfig
 from ..rate import CodebookOptions, codebook_options
 from . import _patch
 from . import _layout
-from ._posterior import GQPosteriorMixin
+from ._posterior import GQPosteriorMixin, posterior_of
 
 CONFIG_KEY = "gq"
 # First entry of config["gq"] (diffusers sorts config keys; upper case sorts first). A plain
@@ -120,11 +120,6 @@ def gq_posterior(posterior, quantizer: GaussianQuantizer, kl_scale=None, model=N
     return out
 
 
-def _latent_dist(out):
-    """The posterior in an ``encode`` output (``.latent_dist``, or the first item of a tuple)."""
-    return out.latent_dist if hasattr(out, "latent_dist") else out[0]
-
-
 # --------------------------------------------------------------------------- patched methods
 # (module-level functions bound to the instance; names equal the attribute names)
 
@@ -134,7 +129,7 @@ def encode(self, x: torch.Tensor, *args, return_dict: bool = True, **kwargs):
     out = _patch.original(self, "encode")(x, *args, **kwargs)
     w = _patch.data(self)
     scale = None if w.get("host_kl_weight") is None else functools.partial(float, w["tdc_weight"] / w["host_kl_weight"])
-    posterior = gq_posterior(_latent_dist(out), self.gq_quantizer, kl_scale=scale, model=self)
+    posterior = gq_posterior(posterior_of(out), self.gq_quantizer, kl_scale=scale, model=self)
     if not return_dict:
         return (posterior,)
     if hasattr(out, "latent_dist"):  # the class's own output type (AutoencoderKLOutput, Oobleck's, ...)
@@ -160,11 +155,11 @@ def _index_posterior(vae, x, *args, **kwargs):
     tiled = bool(getattr(vae, "use_tiling", False))
     try:
         with _untiled(vae):
-            posterior = _latent_dist(encode_(x, *args, **kwargs))
+            posterior = posterior_of(encode_(x, *args, **kwargs))
     except NotImplementedError:
         if not tiled:
             raise
-        return _latent_dist(encode_(x, *args, **kwargs))  # tiled encoding is this class's only encoder
+        return posterior_of(encode_(x, *args, **kwargs))  # tiled encoding is this class's only encoder
     if tiled:
         warnings.warn(
             "encode_indices ignores enable_tiling(): tiled encoding blends the moments of overlapping tiles and "
