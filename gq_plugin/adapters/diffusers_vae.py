@@ -1,15 +1,20 @@
-"""diffusers adapter: turn an ``AutoencoderKL`` (SD1.x / SDXL / SD3 / FLUX-style) into a GQ VQ-VAE.
+"""diffusers adapter: turn a Gaussian VAE into a GQ VQ-VAE -- ``AutoencoderKL`` (SD1.x / SDXL / SD3 /
+FLUX-style) and every other Gaussian VAE class diffusers ships: image, video (Wan, HunyuanVideo,
+LTX, CogVideoX, Mochi, ...) and audio (Oobleck, MiniMax-H3 audio, ...); ``docs/diffusers_coverage.md``
+lists them, ``AutoencoderKLCosmos`` (no variance) is refused.
 
 The model is patched **in place**; nothing about its weights or architecture changes:
 
 * ``vae.gq_quantizer`` -- a :class:`~gq_plugin.GaussianQuantizer` submodule (its buffers -- codebook
   fingerprint, config, TDC multipliers -- go into ``state_dict`` and the safetensors file);
-* ``vae.encode(x)`` still returns ``AutoencoderKLOutput(latent_dist=posterior)``; the posterior is a
-  subclass of diffusers' ``DiagonalGaussianDistribution`` whose ``kl()`` is the per-sample TDC loss
+* ``vae.encode(x)`` still returns the class's output (``AutoencoderKLOutput(latent_dist=posterior)``);
+  the posterior is a subclass of the class's own posterior type (diffusers'
+  ``DiagonalGaussianDistribution``, Oobleck's, ...) whose ``kl()`` is the per-sample TDC loss
   in training and whose ``sample()``/``mode()`` are the GQ latent in eval (see
   :mod:`gq_plugin.adapters._posterior`), so ``vae(x)``, pipelines and training loops work unchanged;
-* ``vae.encode_indices(x)`` -> ``(B, C/m, h, w)`` int64, ``vae.decode_indices(indices)`` ->
-  ``DecoderOutput``;
+* ``vae.encode_indices(x)`` -> int64 ``(B, C/m, h, w)`` (video ``(B, C/m, T, h, w)``, audio
+  ``(B, C/m, T)``: the latent's own layout, time axis kept, see :mod:`._layout`),
+  ``vae.decode_indices(indices, *decode_args)`` -> the class's ``decode`` output;
 * ``vae.config["gq"]`` -- the GQ settings, written to ``config.json`` by ``save_pretrained``.
 
 GQ lives in the raw posterior space (before SD3's ``shift_factor``/``scaling_factor``), where the
