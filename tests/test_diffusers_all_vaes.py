@@ -190,6 +190,19 @@ def test_channels_from_config_names_or_argument():
     adapters.unpatch(vae)
     with pytest.raises(ValueError, match="latent_channels must be a positive int"):
         adapters.patch_autoencoder_kl(vae, K=K, latent_channels=0)
+    with pytest.raises(ValueError, match="latent_channels=8 disagrees with the 4 latent channels in the config of AutoencoderKLKVAEAudio"):
+        adapters.patch_autoencoder_kl(vae, K=K, latent_channels=8)
+    assert not adapters.is_patched(vae)
+    # a config that names the channels under no known key: latent_channels= is required
+    from diffusers.configuration_utils import FrozenDict
+
+    vae._internal_dict = FrozenDict({k: v for k, v in vae.config.items() if k != "codebook_dim"})
+    with pytest.raises(ValueError, match=r"cannot tell the latent channels of AutoencoderKLKVAEAudio.*pass latent_channels="):
+        adapters.patch_autoencoder_kl(vae, K=K)
+    adapters.patch_autoencoder_kl(vae, K=K, m=2, latent_channels=4)
+    x = torch.rand(1, 1, 64) * 2 - 1
+    with torch.no_grad():
+        assert vae.encode_indices(x).shape == (1, 2, 16)
 
 
 def test_coverage_table_is_generated_and_complete():

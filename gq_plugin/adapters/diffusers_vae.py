@@ -226,11 +226,13 @@ def _config_channels(vae) -> int | None:
 
 def _latent_channels(vae, given: int | None = None) -> int:
     """The latent channels C: ``given``, else the first of :data:`CHANNEL_KEYS` in ``vae.config``."""
+    channels = _config_channels(vae)
     if given is not None:
         if isinstance(given, bool) or not isinstance(given, int) or given < 1:
             raise ValueError(f"latent_channels must be a positive int, got {given!r}")
+        if channels is not None and channels != given:
+            raise ValueError(f"latent_channels={given} disagrees with the {channels} latent channels in the config of {type(vae).__name__}")
         return given
-    channels = _config_channels(vae)
     if channels is not None:
         return channels
     raise ValueError(
