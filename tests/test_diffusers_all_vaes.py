@@ -251,3 +251,18 @@ def test_wrapper_routes_a_video_vae_through_forward():
         out = model(x)
         assert torch.equal(out.indices, vae.encode_indices(x)) and out.indices.ndim == 5
         assert torch.equal(out.sample, vae.decode_indices(out.indices).sample)
+
+
+@pytest.mark.parametrize("name", ["AutoencoderKL", "AutoencoderVidTok", "AutoencoderKLMiniMaxH3Audio"])
+def test_return_dict_by_keyword_or_position(name):
+    """encode(x, False) / encode(x, return_dict=False) give (posterior,), as the class's own encode
+    does; a class whose encode takes no return_dict (VidTok) still accepts it by keyword."""
+    vae, x = zoo.build(name)
+    adapters.patch_autoencoder_kl(vae, K=K)
+    with torch.no_grad():
+        ref = vae.encode(x).latent_dist.indices
+        outs = [vae.encode(x, return_dict=False)]
+        if name != "AutoencoderVidTok":
+            outs.append(vae.encode(x, False))
+        for out in outs:
+            assert isinstance(out, tuple) and len(out) == 1 and torch.equal(out[0].indices, ref)

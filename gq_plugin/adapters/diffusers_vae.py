@@ -24,6 +24,7 @@ KL/TDC is defined; pipelines apply their latent normalisation on top as before.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import warnings
@@ -129,9 +130,23 @@ def gq_posterior(posterior, quantizer: GaussianQuantizer, kl_scale=None, model=N
 # (module-level functions bound to the instance; names equal the attribute names)
 
 
-def encode(self, x: torch.Tensor, *args, return_dict: bool = True, **kwargs):
-    """The class's ``encode`` (extra arguments passed on) with the posterior replaced by its GQ version."""
-    out = _patch.original(self, "encode")(x, *args, **kwargs)
+def _encode_with_dict(vae, x, args, kwargs):
+    """Call the class's ``encode`` with ``return_dict=True`` (when it takes one); returns its output
+    and the ``return_dict`` the caller asked for, given by keyword or by position."""
+    orig = _patch.original(vae, "encode")
+    sig = inspect.signature(orig)
+    if "return_dict" not in sig.parameters:  # (VidTok) its output has a latent_dist anyway
+        return_dict = kwargs.pop("return_dict", True)
+        return orig(x, *args, **kwargs), return_dict
+    bound = sig.bind(x, *args, **kwargs)
+    return_dict = bound.arguments.get("return_dict", True)
+    bound.arguments["return_dict"] = True
+    return orig(*bound.args, **bound.kwargs), return_dict
+
+
+def encode(self, x: torch.Tensor, *args, **kwargs):
+    """The class's ``encode`` (arguments passed on) with the posterior replaced by its GQ version."""
+    out, return_dict = _encode_with_dict(self, x, args, kwargs)
     w = _patch.data(self)
     scale = None if w.get("host_kl_weight") is None else functools.partial(float, w["tdc_weight"] / w["host_kl_weight"])
     posterior = gq_posterior(posterior_of(out), self.gq_quantizer, kl_scale=scale, model=self)
