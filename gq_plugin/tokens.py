@@ -14,6 +14,10 @@ Layout (all integers little-endian)::
 The header records everything needed to refuse a wrong decoder: codebook size K, codebook
 dimension m, grouping, codebook kind + seed + fingerprint, the index tensor's shape and
 layout, the model id, the image size (for the real bits per pixel) and free-form ``extra``.
+
+Layouts (:data:`LAYOUTS`): image token grids ``"B,G,H,W"``, video ``"B,G,T,H,W"`` (``T`` latent
+frames; ``image_size`` is the frame size, ``extra["num_frames"]`` the decoded frames when known),
+audio ``"B,G,T"``, sequences ``"B,N,G"`` and single tokens ``"B,G"``.
 Readers validate every field, the lengths and the CRC, so truncated or corrupt files raise
 ``ValueError`` instead of decoding garbage.
 """
@@ -40,7 +44,8 @@ MAX_HEADER_BYTES = 1 << 20
 MAX_CODEBOOK_SIZE = 1 << 31
 MAX_DIM = 2**31 - 1
 MAX_INDICES = 1 << 40
-LAYOUTS = {"B,G,H,W": 4, "B,N,G": 3, "B,G": 2}  # layout -> number of dims
+LAYOUTS = {"B,G,H,W": 4, "B,G,T,H,W": 5, "B,G,T": 3, "B,N,G": 3, "B,G": 2}  # layout -> number of dims
+_GRID_AXES = {"B,G,H,W": (2, 3), "B,G,T,H,W": (3, 4)}  # layouts with a spatial token grid -> its (H, W) axes
 _PRE = struct.Struct("<4sHI")
 
 
@@ -79,7 +84,7 @@ class TokenHeader:
     def for_quantizer(cls, quantizer, shape, model_id: str = "", image_size=None, layout: str | None = None, extra=None) -> "TokenHeader":
         """Header describing ``quantizer``'s discrete representation (a GaussianQuantizer)."""
         if layout is None:
-            layout = "B,G,H,W" if len(shape) == 4 else ("B,N,G" if len(shape) == 3 else "B,G")
+            layout = {5: "B,G,T,H,W", 4: "B,G,H,W", 3: "B,N,G"}.get(len(shape), "B,G")
         return cls(
             codebook_size=quantizer.codebook_size,
             codebook_dim=quantizer.codebook_dim,
@@ -104,10 +109,16 @@ class TokenHeader:
 
     @property
     def num_pixels(self) -> int | None:
-        """Decoded pixels of the whole batch (None if the image size is unknown)."""
+        """Decoded pixels of the whole batch (None if the image size -- for video also
+        ``extra["num_frames"]`` -- is unknown)."""
         if not self.image_size:
             return None
-        return (self.shape[0] if self.shape else 1) * self.image_size[0] * self.image_size[1]
+        frames = 1
+        if self.layout == "B,G,T,H,W":
+            frames = self.extra.get("num_frames")
+            if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+                return None
+        return (self.shape[0] if self.shape else 1) * frames * self.image_size[0] * self.image_size[1]
 
     def nominal_bpp(self) -> float | None:
         """``n * log2 K / pixels`` (None if the image size is unknown)."""
@@ -186,8 +197,8 @@ class TokenHeader:
         img = d["image_size"]
         if img is not None and (not isinstance(img, list) or len(img) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or not 0 < s <= MAX_DIM for s in img)):
             raise ValueError(f"corrupt token file header: image_size={img!r}")
-        if img is not None and layout == "B,G,H,W":  # both sides downsampled by the same factor
-            h, w = shape[2], shape[3]
+        if img is not None and layout in _GRID_AXES:  # both sides downsampled by the same factor
+            h, w = (shape[a] for a in _GRID_AXES[layout])
             if h == 0 or w == 0 or img[0] % h or img[1] % w or img[0] // h != img[1] // w:
                 raise ValueError(
                     f"corrupt token file header: image_size={img} is not the token grid (H, W)=({h}, {w}) times one factor "

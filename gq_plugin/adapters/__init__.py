@@ -9,8 +9,8 @@ them, and ``adapters.patch_sd3_vae`` imports diffusers on first use.
 =============================  ======================================================
 name                           module
 =============================  ======================================================
-patch_sd3_vae,                 :mod:`.diffusers_vae` (diffusers ``AutoencoderKL``)
-patch_autoencoder_kl,
+patch_sd3_vae,                 :mod:`.diffusers_vae` (every diffusers Gaussian VAE: image,
+patch_autoencoder_kl,          video and audio; layouts in :mod:`._layout`)
 load_pretrained_gq_vae,
 patch_from_config,
 suggest_gq_settings,

@@ -37,23 +37,39 @@ import math
 import torch
 
 from ..rate import LOGVAR_RANGE, reparameterize
+from . import _layout
 
 
 def to_host_layout(core: torch.Tensor) -> torch.Tensor:
     """Core ``(B, h, w, G)`` -> channel-first host ``(B, G, h, w)`` (indices or rates)."""
-    return core.permute(0, 3, 1, 2)
+    return _layout.to_host_layout(core)
 
 
 def from_host_layout(indices: torch.Tensor) -> torch.Tensor:
-    """Channel-first host ``(B, G, h, w)`` -> core ``(B, h, w, G)``."""
+    """Channel-first host ``(B, G, h, w)`` -> core ``(B, h, w, G)`` (image hosts; video and audio
+    layouts: :func:`gq_plugin.adapters._layout.from_host_layout`)."""
     if not isinstance(indices, torch.Tensor) or indices.ndim != 4:
         got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
         raise ValueError(f"indices must be a (B, G, h, w) tensor, got {got}")
-    return indices.permute(0, 2, 3, 1)
+    return _layout.from_host_layout(indices)
+
+
+def posterior_of(encoded):
+    """The posterior in what a host's ``encode`` returns: diffusers' ``.latent_dist``, the first item
+    of a tuple (``return_dict=False``), or the posterior itself (ldm)."""
+    if hasattr(encoded, "latent_dist"):
+        return encoded.latent_dist
+    if isinstance(encoded, tuple):
+        return encoded[0]
+    return encoded
 
 
 class GQPosteriorMixin:
     """GQ/TDC behaviour for a diagonal-Gaussian posterior with ``mean``/``logvar`` on dim 1.
+
+    Image ``(B, C, H, W)``, video ``(B, C, T, H, W)`` and audio ``(B, C, T)`` latents are searched
+    in the quantizer's 4-D view (:mod:`._layout`); indices and rates come back channel-first in
+    the latent's own layout.
 
     Host classes provide the plain-Gaussian fallbacks ``_gaussian_sample(generator)`` (used in
     training) and ``_gaussian_kl(other)`` (used for ``kl(other)`` against another posterior).
@@ -76,8 +92,9 @@ class GQPosteriorMixin:
     def quantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z_hat, indices)`` of this posterior (cached; no gradient)."""
         if self._gq_cache is None:
-            z_hat, idx = self.quantizer.quantize(self.mean, self.logvar)
-            self._gq_cache = (z_hat, to_host_layout(idx))
+            z_hat, idx = self.quantizer.quantize(_layout.fold(self.mean), _layout.fold(self.logvar))
+            ndim, batch = self.mean.ndim, self.mean.shape[0]
+            self._gq_cache = (_layout.unfold(z_hat, ndim, batch), _layout.to_host_layout(idx, ndim, batch))
         return self._gq_cache
 
     @property
@@ -87,12 +104,13 @@ class GQPosteriorMixin:
 
     @property
     def indices(self) -> torch.Tensor:
-        """GQ indices in the host layout ``(B, n_codebooks, H, W)``, int64."""
+        """GQ indices in the host layout ``(B, n_codebooks, *latent axes)``, int64."""
         return self.quantize()[1]
 
     def rates(self) -> torch.Tensor:
-        """Per-group rates in bits, host layout ``(B, n_codebooks, H, W)``."""
-        return to_host_layout(self.quantizer.rates(self.mean, self.logvar))
+        """Per-group rates in bits, host layout ``(B, n_codebooks, *latent axes)``."""
+        rates = self.quantizer.rates(_layout.fold(self.mean), _layout.fold(self.logvar))
+        return _layout.to_host_layout(rates, self.mean.ndim, self.mean.shape[0])
 
     def tdc_loss(self) -> torch.Tensor:
         """The TDC loss of this batch (a scalar) = ``kl().mean() / kl_scale()``."""

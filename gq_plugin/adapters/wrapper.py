@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ._patch import is_patched, quantizer_of
+from ._posterior import posterior_of
 
 
 class GQAutoencoderOutput(NamedTuple):
@@ -28,14 +29,6 @@ class GQAutoencoderOutput(NamedTuple):
     indices: torch.Tensor | None  # indices (GQ eval, or training with return_indices_in_train=True)
     latents: torch.Tensor  # what the decoder saw: reparameterised sample (train) / z_hat (eval)
     posterior: Any  # the encoder's posterior (GQ: mean, logvar, rates(), ...)
-
-
-def _posterior_of(encoded):
-    if hasattr(encoded, "latent_dist"):  # diffusers AutoencoderKLOutput
-        return encoded.latent_dist
-    if isinstance(encoded, tuple):
-        return encoded[0]
-    return encoded  # ldm returns the posterior itself
 
 
 def _sample_of(decoded):
@@ -82,7 +75,7 @@ class GQAutoencoderWrapper(nn.Module):
         return posterior.mode(), torch.zeros((), device=posterior.mean.device), posterior.indices
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> GQAutoencoderOutput:
-        posterior = _posterior_of(self.model.encode(x))
+        posterior = posterior_of(self.model.encode(x))
         if self.bottleneck is None:
             z, loss, indices = self._gq(posterior, generator)
         else:

