@@ -270,6 +270,35 @@ def test_import_authors_writes_a_folder_every_gq_command_loads(tmp_path, small_u
     assert main(["import-authors", str(ckpt), "--config", str(cfg), "--out", str(out), "--force"]) == 0
 
 
+def test_gq_train_fine_tunes_an_imported_folder(tmp_path, small_unet, capsys):
+    """``gq train authors_unet_gq_0.25 model.pretrained=DIR``: the imported GQ settings (m = 8,
+    strided, the reference TDC rule) are the ones trained, for two steps on real photos."""
+    import shutil
+
+    from gq_plugin.lab.cli import main
+    from gq_plugin.lab.data import wheel_photos
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for key, path, _ in list(wheel_photos())[:4]:
+        shutil.copy(path, photos / f"{key}{Path(path).suffix}")
+    if len(list(photos.iterdir())) < 4:
+        pytest.skip("needs the photos shipped in scikit-image / scikit-learn / pyiqa wheels")
+    ckpt, cfg = _write(tmp_path, lightning_state(*small_unet), authors_yaml(SMALL, group=8))
+    assert main(["import-authors", str(ckpt), "--config", str(cfg), "--out", str(tmp_path / "imported")]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "authors_unet_gq_0.25", f"model.pretrained={tmp_path / 'imported'}", "train.steps=2", "train.batch_size=2",
+                 "data.size=32", f"data.root={photos}", "loss.lpips=0", "loss.disc.enabled=false", "train.cpu=true",
+                 "train.num_workers=0", f"train.output_dir={run}", "train.ckpt_every=0", "--quiet"]) == 0
+    capsys.readouterr()
+    tuned = adapters.load_pretrained_gq_vae(str(run / "final" / "vae"))
+    s = tuned.gq_quantizer.settings
+    assert (s.codebook_dim, s.grouping, s.tdc.tdc_rule) == (8, "strided", "reference")
+    assert int(tuned.gq_quantizer.tdc.num_steps) == 2  # the TDC stepped with the optimizer
+    before = adapters.load_pretrained_gq_vae(str(tmp_path / "imported")).state_dict()
+    assert not torch.equal(tuned.state_dict()["encoder.conv_in.weight"], before["encoder.conv_in.weight"])
+
+
 def test_recipe_is_the_authors_architecture_and_settings():
     """recipes/authors_unet_gq_0.25.yaml trains (from scratch or from an imported folder) the model
     and GQ settings of configs/sd3unet_gq_0.25.yaml."""
@@ -282,3 +311,11 @@ def test_recipe_is_the_authors_architecture_and_settings():
     q = _as_dict(cfg.quantizer)
     assert {k: tuple(q[k]) if k == "logvar_range" else q[k] for k in gq} == gq
     assert q["weight"] == 0.1  # their regularization_weights.kl_loss
+
+
+def test_runtime_settings_pass_through_but_the_tokens_stay_the_authors(tmp_path, small_unet):
+    ckpt, cfg = _write(tmp_path, lightning_state(*small_unet), authors_yaml(SMALL, group=8))
+    vae = adapters.load_authors_checkpoint(ckpt, cfg, search_backend="torch", tile_k=1024)
+    assert (vae.gq_quantizer.search_backend, vae.gq_quantizer.tile_k) == ("torch", 1024)
+    with pytest.raises(ValueError, match=r"\['grouping', 'm'\] are set by the authors' config"):
+        adapters.load_authors_checkpoint(ckpt, cfg, m=4, grouping="contiguous")

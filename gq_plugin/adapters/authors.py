@@ -32,6 +32,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without diffusers
     raise ImportError("gq_plugin.adapters.authors needs diffusers: pip install 'gq-plugin[diffusers]'") from e
 
+from ..quantizer import REPRESENTATION
 from .diffusers_vae import patch_autoencoder_kl
 
 AUTHORS_REPO = "tongdaxu/VQ-VAE-from-Gaussian-VAE"
@@ -281,7 +282,8 @@ def convert_authors_state_dict(state: Mapping[str, torch.Tensor], diffusers_conf
     source = {k: names[int(v.reshape(-1)[0])] for k, v in _ldm_to_diffusers(probe, diffusers_config).items()}
     with torch.device("meta"):  # the target's names and shapes, nothing allocated
         own = AutoencoderKL(**diffusers_config).state_dict()
-    unplaced = [k for k in names if k not in set(source.values())] + [source[k] for k in out if k not in own]
+    placed = set(source.values())
+    unplaced = [k for k in names if k not in placed] + [source[k] for k in out if k not in own]
     if unplaced:
         _fail(f"unexpected key(s) in the checkpoint: {_first(unplaced)} (not part of the configured UNet)")
     missing = [k for k in own if k not in out]
@@ -302,8 +304,9 @@ def load_authors_checkpoint(ckpt_path, config_path, **patch_kwargs):
             training loss's ``loss.*`` are dropped).
         config_path: the matching config of their repository
             (``configs/sd3unet_gq_{0.25,0.50,1.00}.yaml``), or that config as a mapping.
-        **patch_kwargs: override GQ settings passed to
-            :func:`~gq_plugin.adapters.patch_autoencoder_kl` (e.g. ``search_backend="torch"``).
+        **patch_kwargs: runtime GQ settings for :func:`~gq_plugin.adapters.patch_autoencoder_kl`
+            (e.g. ``search_backend="torch"``, ``tile_k=``); the settings that define the tokens
+            (K, m, grouping, codebook, seed, beta) are the config's and cannot be overridden.
 
     Returns the model in eval mode, float32 on the CPU: ``encode(x).latent_dist`` is their
     posterior (moments), ``encode_indices(x)`` their indices ``(B, z_channels/m, h, w)``,
@@ -312,6 +315,9 @@ def load_authors_checkpoint(ckpt_path, config_path, **patch_kwargs):
 
     >>> vae = load_authors_checkpoint("sd3unet_gq_0.25.ckpt", "configs/sd3unet_gq_0.25.yaml")  # doctest: +SKIP
     """
+    fixed = sorted(set(patch_kwargs) & {"K", "m", *REPRESENTATION})
+    if fixed:
+        _fail(f"{fixed} are set by the authors' config (they define the tokens); pass only runtime settings")
     diffusers_config, gq = authors_vae_config(config_path)
     converted = convert_authors_state_dict(read_checkpoint(ckpt_path), diffusers_config)
     vae = AutoencoderKL(**diffusers_config)
