@@ -16,6 +16,8 @@ classes, and their GQ formulas written out independently, for tests/test_authors
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -105,8 +107,10 @@ def lightning_checkpoint(state: dict) -> dict:
             "lr_schedulers": []}
 
 
+@functools.lru_cache(maxsize=4)
 def authors_codebook(K: int, m: int, seed: int = 42) -> torch.Tensor:
-    """Their codebook recipe: scipy's inverse normal CDF of a scrambled Sobol draw, cast to float32."""
+    """Their codebook recipe: scipy's inverse normal CDF of a scrambled Sobol draw, cast to float32
+    (cached: treat it as read-only)."""
     from scipy.stats import norm
 
     u = torch.quasirandom.SobolEngine(m, scramble=True, seed=seed).draw(K)

@@ -32,6 +32,15 @@ def _write(tmp_path, state, config_text, name="model.ckpt", lightning=True):
     return ckpt, cfg
 
 
+def _assert_equal_but_for_ties(idx, ref_idx, scores):
+    """Indices equal to the reference's, but where two codewords tie in float32: a differing index
+    must score within float32 rounding (1e-5 of the score scale) of the best, in their float64 scores."""
+    assert idx.shape == ref_idx.shape
+    rows, ref_rows = (i.permute(0, 2, 3, 1).reshape(-1, 1) for i in (idx, ref_idx))
+    gap = scores.gather(1, ref_rows) - scores.gather(1, rows)
+    assert (idx == ref_idx).float().mean() >= 0.99 and float(gap.max()) <= 1e-5 * float(scores.abs().max())
+
+
 @pytest.fixture(scope="module")
 def small_unet():
     return authors_unet(SMALL, seed=0)
@@ -55,11 +64,7 @@ def test_loaded_model_computes_what_the_authors_model_computes(tmp_path, small_u
         torch.testing.assert_close(posterior.parameters, moments_ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(vae.gq_quantizer.codebook, authors_codebook(2**16, m), rtol=0, atol=0)
         assert idx.shape == ref_idx.shape == (2, 16 // m, 4, 4)
-        # equal but for float ties: a differing index must score within float32 rounding of the best
-        rows = idx.permute(0, 2, 3, 1).reshape(-1)
-        ref_rows = ref_idx.permute(0, 2, 3, 1).reshape(-1)
-        gap = scores.gather(1, ref_rows[:, None]) - scores.gather(1, rows[:, None])
-        assert (idx == ref_idx).float().mean() >= 0.99 and float(gap.max()) <= 1e-4 * float(scores.abs().max())
+        _assert_equal_but_for_ties(idx, ref_idx, scores)
         ours_z = authors_dequant(idx, authors_codebook(2**16, m))  # == ref_z where the indices agree
         torch.testing.assert_close(posterior.mode(), ours_z, rtol=0, atol=0)
         torch.testing.assert_close(vae.decode_indices(ref_idx).sample, dec(ref_z), rtol=1e-4, atol=1e-4)
@@ -178,7 +183,6 @@ def test_configurations_we_do_not_convert_say_so(tmp_path, small_unet):
 def test_other_file_contents_get_one_clear_line(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(authors_yaml())
-    (tmp_path / "list.pt").write_bytes(b"")
     torch.save([torch.zeros(1)], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="holds neither a Lightning checkpoint"):
         adapters.load_authors_checkpoint(tmp_path / "list.pt", cfg)
@@ -319,3 +323,19 @@ def test_runtime_settings_pass_through_but_the_tokens_stay_the_authors(tmp_path,
     assert (vae.gq_quantizer.search_backend, vae.gq_quantizer.tile_k) == ("torch", 1024)
     with pytest.raises(ValueError, match=r"\['grouping', 'm'\] are set by the authors' config"):
         adapters.load_authors_checkpoint(ckpt, cfg, m=4, grouping="contiguous")
+
+
+@pytest.mark.slow
+def test_full_size_released_architecture(tmp_path):
+    """The released architecture itself (87 M parameters, random weights, perturbed norms) through a
+    Lightning checkpoint with the 1.00 bpp config (m = 4, strided): moments, indices and decodes."""
+    enc, dec = authors_unet(RELEASED, seed=7)
+    ckpt, cfg = _write(tmp_path, lightning_state(enc, dec), authors_yaml(RELEASED, group=4))
+    vae = adapters.load_authors_checkpoint(ckpt, cfg)
+    x = _images(n=1, size=64, seed=8)
+    with torch.no_grad():
+        moments = enc(x)
+        ref_idx, ref_z, scores = authors_gq(moments, authors_codebook(2**16, 4))
+        torch.testing.assert_close(vae.encode(x).latent_dist.parameters, moments, rtol=1e-5, atol=1e-5)
+        _assert_equal_but_for_ties(vae.encode_indices(x), ref_idx, scores)
+        torch.testing.assert_close(vae.decode_indices(ref_idx).sample, dec(ref_z), rtol=1e-4, atol=1e-4)
