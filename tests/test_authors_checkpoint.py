@@ -339,3 +339,16 @@ def test_full_size_released_architecture(tmp_path):
         torch.testing.assert_close(vae.encode(x).latent_dist.parameters, moments, rtol=1e-5, atol=1e-5)
         _assert_equal_but_for_ties(vae.encode_indices(x), ref_idx, scores)
         torch.testing.assert_close(vae.decode_indices(ref_idx).sample, dec(ref_z), rtol=1e-4, atol=1e-4)
+
+
+def test_a_config_that_is_not_theirs_gets_one_clear_line(tmp_path):
+    torch.save({"a": torch.zeros(3)}, tmp_path / "x.ckpt")
+    with pytest.raises(ValueError, match=r"^config does not read as OmegaConf YAML \(UnicodeDecodeError"):
+        authors_vae_config(tmp_path / "x.ckpt")
+    with pytest.raises(ValueError, match=r"^config's encoder_config.params must be a mapping, got 'x'"):
+        authors_vae_config({"model": {"params": {"encoder_config": {"target": "pit.modules.unet.Encoder", "params": "x"},
+                                                 "decoder_config": {"target": "pit.modules.unet.Decoder"}, "regularizer_config": {}}}})
+    with pytest.raises(ValueError, match=r"^config has no model.params.encoder_config / decoder_config / regularizer_config"):
+        authors_vae_config({"model": {"params": {"encoder_config": "x", "decoder_config": {}, "regularizer_config": 3}}})
+    with pytest.raises(ValueError, match=r"is not a file"):
+        authors_vae_config(tmp_path / "missing.yaml")

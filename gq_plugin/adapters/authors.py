@@ -61,6 +61,7 @@ def _fail(message: str):
 def read_authors_config(config) -> dict:
     """``model.params`` of one of the authors' OmegaConf configs (a YAML path, a mapping or a
     ``DictConfig``), interpolations resolved (their decoder reuses the encoder's params)."""
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -70,26 +71,34 @@ def read_authors_config(config) -> dict:
                 _fail(f"config {os.fspath(config)!r} is not a file (the authors' configs/sd3unet_gq_*.yaml)")
             config = OmegaConf.load(config)
         tree = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
-    except OmegaConfBaseException as exc:
-        raise ValueError(f"config does not read as OmegaConf YAML: {' '.join(str(exc).split())[:200]}") from None
+    except (OmegaConfBaseException, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"config does not read as OmegaConf YAML ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     params = (tree.get("model") or {}).get("params") if isinstance(tree, dict) and isinstance(tree.get("model"), dict) else None
-    if not isinstance(params, dict) or not all(k in params for k in ("encoder_config", "regularizer_config")):
-        _fail("config has no model.params.encoder_config / regularizer_config: not one of the authors' "
+    sections = ("encoder_config", "regularizer_config", "decoder_config")
+    if not isinstance(params, dict) or not all(isinstance(params.get(k), dict) for k in sections):
+        _fail("config has no model.params.encoder_config / decoder_config / regularizer_config: not one of the authors' "
               f"AutoencodingEngine configs ({AUTHORS_REPO}, configs/*.yaml)")
     return params
 
 
+def _params_of(params: dict, section: str) -> dict:
+    value = params[section].get("params") or {}
+    if not isinstance(value, dict):
+        _fail(f"config's {section}.params must be a mapping, got {value!r}")
+    return dict(value)
+
+
 def _unet_params(params: dict) -> dict:
     """The UNet settings (encoder params; the decoder must agree), checked against what we convert."""
-    enc, dec = params["encoder_config"], params.get("decoder_config") or {}
+    enc, dec = params["encoder_config"], params["decoder_config"]
     target = str(enc.get("target", ""))
-    if "vit" in target.lower() or params["regularizer_config"].get("params", {}).get("format") == "blc":
+    if "vit" in target.lower() or _params_of(params, "regularizer_config").get("format") == "blc":
         _fail(f"config is one of the authors' ViT tokenizers (bsqvit_*, encoder {target}): not converted, diffusers has no "
               "BSQ-ViT autoencoder; only their UNet tokenizers (sd3unet_gq_*) are")
     if target != UNET_ENCODER or dec.get("target") != UNET_DECODER:
         _fail(f"config's encoder/decoder are {target} / {dec.get('target')}: only the authors' UNet "
               f"({UNET_ENCODER} / {UNET_DECODER}) is converted")
-    unet, theirs = dict(enc.get("params") or {}), dict(dec.get("params") or {})
+    unet, theirs = _params_of(params, "encoder_config"), _params_of(params, "decoder_config")
     missing = [k for k in _UNET_REQUIRED if k not in unet]
     if missing:
         _fail(f"config's encoder_config.params lacks {missing}")
@@ -114,7 +123,7 @@ def _gq_params(params: dict, z_channels: int) -> dict:
     if target != REGULARIZER:
         kind = "GaussianQuantRegularizer2 (contiguous groups, STE; the sd3unet_gq2_* configs)" if target.endswith("2") else target
         _fail(f"config's regularizer is {kind}: only the authors' {REGULARIZER} (sd3unet_gq_* configs) is converted")
-    given = dict(reg.get("params") or {})
+    given = _params_of(params, "regularizer_config")
     if given.get("format", "bchw") != "bchw":
         _fail(f"config's regularizer format={given['format']!r}: only the UNet's 'bchw' is converted")
     unknown = sorted(set(given) - set(GQ_PARAMS) - {"format", "backend"})
