@@ -144,7 +144,7 @@ def test_unexpected_keys_are_named(tmp_path, small_unet):
     msg = _error(tmp_path, {**state, "encoder.down.0.extra.weight": torch.zeros(3)}, authors_yaml())
     assert msg == "unexpected key(s) in the checkpoint: encoder.down.0.extra.weight (not part of the configured UNet)"
     msg = _error(tmp_path, {**state, "decoder.mid.attn_1.q.weight": torch.zeros(64, 64, 1, 1)}, authors_yaml())
-    assert "mid-block attention (encoder.mid.attn_1.*): the authors' UNet has none" in msg
+    assert "mid-block attention (mid.attn_1.*): the authors' UNet has none" in msg
     del state["decoder.up.1.block.0.norm2.bias"]
     msg = _error(tmp_path, state, authors_yaml())
     assert msg == ("checkpoint lacks weights of the configured UNet: decoder.up_blocks.1.resnets.0.norm2.bias (diffusers names)")

@@ -234,7 +234,7 @@ def _unet_of_weights(state: Mapping[str, torch.Tensor]) -> dict:
         return tuple(state[key].shape)
 
     if any(k.startswith(("encoder.mid.attn", "decoder.mid.attn")) for k in state):
-        _fail("checkpoint has a mid-block attention (encoder.mid.attn_1.*): the authors' UNet has none; this is not one of "
+        _fail("checkpoint has a mid-block attention (mid.attn_1.*): the authors' UNet has none; this is not one of "
               "their tokenizers (a Stable Diffusion VAE loads with diffusers' AutoencoderKL.from_single_file)")
     levels = sorted({int(m.group(1)) for k in state if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
     blocks = {m.group(1) for k in state if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
