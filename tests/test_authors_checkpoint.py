@@ -231,9 +231,13 @@ def test_released_checkpoint_keys_convert_to_the_diffusers_model(bpp):
 
 
 def _yaml_config(unet, m):
+    return _omegaconf(authors_yaml(unet, group=m))
+
+
+def _omegaconf(text):
     from omegaconf import OmegaConf
 
-    return OmegaConf.create(authors_yaml(unet, group=m))
+    return OmegaConf.create(text)
 
 
 def test_fixture_is_the_authors_architecture():
@@ -352,3 +356,6 @@ def test_a_config_that_is_not_theirs_gets_one_clear_line(tmp_path):
         authors_vae_config({"model": {"params": {"encoder_config": "x", "decoder_config": {}, "regularizer_config": 3}}})
     with pytest.raises(ValueError, match=r"is not a file"):
         authors_vae_config(tmp_path / "missing.yaml")
+    # their full files also hold lightning / data sections; only model.params is resolved
+    full = authors_yaml() + "data:\n  params:\n    root: ${oc.env:GQ_TEST_UNSET_DATA_ROOT}\n"
+    assert authors_vae_config(_omegaconf(full))[1]["codebook_dim"] == 16

@@ -70,10 +70,12 @@ def read_authors_config(config) -> dict:
             if not os.path.isfile(config):
                 _fail(f"config {os.fspath(config)!r} is not a file (the authors' configs/sd3unet_gq_*.yaml)")
             config = OmegaConf.load(config)
-        tree = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
+        root = OmegaConf.create(config)
+        node = OmegaConf.select(root, "model.params") if OmegaConf.is_dict(root) else None
+        # only model.params is resolved: the rest (lightning, data) may reference what is not here
+        params = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else None
     except (OmegaConfBaseException, yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ValueError(f"config does not read as OmegaConf YAML ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
-    params = (tree.get("model") or {}).get("params") if isinstance(tree, dict) and isinstance(tree.get("model"), dict) else None
     sections = ("encoder_config", "regularizer_config", "decoder_config")
     if not isinstance(params, dict) or not all(isinstance(params.get(k), dict) for k in sections):
         _fail("config has no model.params.encoder_config / decoder_config / regularizer_config: not one of the authors' "
