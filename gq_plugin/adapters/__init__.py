@@ -30,6 +30,8 @@ tokenbridge_gq_inputs,
 load_tokenbridge_checkpoint,
 gq_post_training_quantize
 GQAutoencoderWrapper           :mod:`.wrapper` (DDP-safe encode -> GQ -> decode)
+load_authors_checkpoint,       :mod:`.authors` (the paper authors' released UNet tokenizers
+authors_vae_config             -> a GQ-patched diffusers ``AutoencoderKL``)
 patch, unpatch, is_patched,    here (``HOSTS``: the host table, one row per host)
 gq_settings_from_state_dict
 =============================  ======================================================
@@ -76,7 +78,8 @@ HOSTS: dict[str, Host] = {
 }
 
 _LAZY = {name: host.module for host in HOSTS.values() for name in host.exports}
-_LAZY.update({"GQDiagonalGaussian": "_posterior", "GQAutoencoderWrapper": "wrapper", "GQAutoencoderOutput": "wrapper"})
+_LAZY.update({"GQDiagonalGaussian": "_posterior", "GQAutoencoderWrapper": "wrapper", "GQAutoencoderOutput": "wrapper",
+              "load_authors_checkpoint": "authors", "authors_vae_config": "authors"})
 
 __all__ = sorted([*_LAZY, "HOSTS", "Host", "patch", "unpatch", "is_patched", "gq_settings_from_state_dict"])
 

@@ -320,6 +320,10 @@ def patch_sd3_vae(vae, K: int = 2**16, m: int = 16, **gq_kwargs):
 
     ``m=16, K=2**16`` gives 16 bits per latent position = 0.25 bpp; ``m=8`` -> 0.5 bpp;
     ``m=4`` -> 1.0 bpp. See :func:`suggest_gq_settings`.
+
+    This patches Stability's SD3 VAE (fine-tune it with TDC before using its tokens); it is not the
+    paper's released tokenizer, whose weights and architecture differ: load those with
+    :func:`gq_plugin.adapters.load_authors_checkpoint` (docs/authors_checkpoints.md).
     """
     channels = _latent_channels(vae)
     if channels != 16:

@@ -8,6 +8,7 @@
     gq encode IMG... --model DIR -o FILE.gqt   images -> bit-packed token file
     gq decode FILE.gqt --model DIR -o OUT.png  token file (or one shard of `gq tokenize`) -> images (videos: a PNG per frame)
     gq tokenize MODEL SOURCE... --out DIR      image folder / tar shards -> sharded token files + manifest
+    gq import-authors CKPT --config YAML --out DIR   the paper authors' released tokenizer -> save_pretrained dir
     gq recipes                    list the bundled recipes
 """
 
@@ -195,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--shard-size", type=int, default=1000, help="images per shard file (a killed run loses at most one shard per process)")
     tk.add_argument("--quiet", **quiet)
     tk.set_defaults(func=_cmd_tokenize)
+
+    from .import_authors import add_import_authors_command
+
+    add_import_authors_command(sub)
 
     r = sub.add_parser("recipes", help="list bundled recipes")
     r.set_defaults(func=_cmd_recipes)
