@@ -258,3 +258,13 @@ def test_faulty_cuda_kernel_is_caught(monkeypatch):
     assert torch.equal(idx, gq_search(mean, logvar, codebook, backend="torch"))
     msgs = _runtime_warnings(rec)
     assert len(msgs) == 1 and "cuda kernel failed its self-check on cuda:" in msgs[0], msgs
+
+
+def test_build_names_are_per_checkout(monkeypatch, tmp_path):
+    """Two checkouts sharing an extensions directory must not rebuild each other's kernel (each
+    load from the other rewrote build.ninja and recompiled under the build lock)."""
+    here_cpu, here_cuda = kernels._cpu_build_name(), kernels._cuda_build_name()
+    assert here_cpu == kernels._cpu_build_name() and here_cpu.startswith("gq_search_cpu_")
+    monkeypatch.setattr(kernels, "source_dir", lambda: tmp_path / "other_checkout" / "csrc")
+    assert kernels._cpu_build_name() != here_cpu and kernels._cuda_build_name() != here_cuda
+    assert kernels._cuda_build_name().startswith("gq_search_cuda_")
