@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_check_shared.sh [WORK_DIR]    # default /tmp/gq_check_shared; ~3-4 minutes
 #
-# 1. starts `gq train tiny_cpu` (nice 10, from this checkout) and lets it reach its training loop;
+# 1. starts `gq train tiny_cpu` (from this checkout, at the dry run's priority: nice $GQ_SHARED_TRAIN_NICE,
+#    default 0) and waits until it has taken its first optimizer step;
 # 2. clones this checkout (HEAD) into WORK_DIR/clone, with an empty kernel cache
 #    (GQ_KERNELS_BUILD_DIR=WORK_DIR/ext), and starts that clone's first kernel build;
 # 3. two seconds later runs `bash benchmarks/gpu_check.sh --cpu-dry-run` in the clone: its kernel
@@ -17,15 +18,16 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 S=${1:-/tmp/gq_check_shared}
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 GQ=$(dirname "$PY")/gq
+NICE=${GQ_SHARED_TRAIN_NICE:-0}
 rm -rf "$S" && mkdir -p "$S/dry"
 git clone -q "$ROOT" "$S/clone" && ln -s "$(readlink -f "$ROOT/.venv")" "$S/clone/.venv"
 tail_log() { tail -c 600 "$1" 2>/dev/null | tr '\r' '\n' | grep -a "it" | tail -1; }
 
-(cd "$ROOT" && PYTHONPATH=$ROOT exec nice -n 10 "$GQ" train tiny_cpu train.steps=400 "train.output_dir=$S/train" \
+(cd "$ROOT" && PYTHONPATH=$ROOT exec nice -n "$NICE" "$GQ" train tiny_cpu train.steps=400 "train.output_dir=$S/train" \
   train.log_every=5 >"$S/train.log" 2>&1) &
 TRAIN=$!
 for _ in $(seq 120); do  # until the training has taken a step (at most 4 minutes)
-  grep -aq "/400" "$S/train.log" 2>/dev/null && break
+  tr '\r' '\n' <"$S/train.log" 2>/dev/null | grep -aqE "\| +[1-9][0-9]*/400" && break
   sleep 2
 done
 export GQ_KERNELS_BUILD_DIR=$S/ext  # the fresh clone's kernel cache: empty, as on a fresh machine
@@ -53,7 +55,7 @@ wait $TRAIN 2>/dev/null
   echo "$(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), shared with other jobs."
   echo
   echo "* dry run: **exit status $rc** in $((t1 - t0)) s; load average $before_load at the start, $after_load at the end"
-  echo "* beside it, \`gq train tiny_cpu\` (nice 10) was training (alive at the end: $train_alive):"
+  echo "* beside it, \`gq train tiny_cpu\` (nice $NICE) was training (alive at the end: $train_alive):"
   echo "  before: \`$before_train\`"
   echo "  after: \`$after_train\`"
   echo "* and a fresh clone's first kernel build (running when the dry run started: $build_alive): $(tail -1 "$S/build.log")"

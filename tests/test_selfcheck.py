@@ -157,6 +157,9 @@ def test_registered_backend_can_opt_in(fresh, monkeypatch):
     # without self_check=True it is trusted as registered
     search.register_backend("lastties", largest_index_on_ties, lambda d: True)
     assert search.select_backend("cpu", "lastties") == "lastties"
+    # registered anew (fixed), it is checked anew: the old verdict is forgotten
+    search.register_backend("lastties", argmax_ip_torch, lambda d: True, self_check=True)
+    assert search.select_backend("cpu", "lastties") == "lastties" and verify_backend("lastties", "cpu").cases > 0
 
 
 # ------------------------------------------------------------------ the judge

@@ -34,7 +34,7 @@ import torch
 from ..rate import LOGVAR_RANGE
 from .features import codebook_features, row_features
 from .reference import compare_with_reference, reference_scores, search_reference
-from .selfcheck import SelfCheckResult, verdict
+from .selfcheck import SelfCheckResult, forget, verdict
 from .torch_backend import DEFAULT_TILE_K, DEFAULT_TILE_N, argmax_ip_torch
 
 __all__ = [
@@ -102,6 +102,7 @@ def register_backend(
     _BACKENDS[name] = fn
     _AVAILABLE[name] = available
     _SELF_CHECKED.pop(name, None)
+    forget(name)
     if self_check:
         _SELF_CHECKED[name] = max_features
 

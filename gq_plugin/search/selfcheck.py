@@ -269,6 +269,13 @@ def verdict(name: str, fn: BackendFn, device: torch.device, max_features: int | 
     return res
 
 
+def forget(name: str) -> None:
+    """Drop the cached verdicts on backend ``name`` (it was registered anew)."""
+    with _LOCK:
+        for key in [k for k in _RESULTS if k[0] == name]:
+            del _RESULTS[key]
+
+
 def results() -> list[SelfCheckResult]:
     """Every verdict reached in this process."""
     return list(_RESULTS.values())
