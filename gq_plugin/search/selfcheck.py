@@ -27,6 +27,7 @@ kernel and the failing case, and the torch backend serves instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -209,6 +210,19 @@ def judge(problem: Problem, idx: torch.Tensor, torch_idx: torch.Tensor) -> str |
     return None
 
 
+@contextlib.contextmanager
+def _one_cpu_thread():
+    """torch's intra-op threads set to 1 for the block, then restored."""
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
+
+
 def run_self_check(name: str, fn: BackendFn, device: torch.device | str, max_features: int | None = None,
                    reference: BackendFn = argmax_ip_torch) -> SelfCheckResult:
     """Run backend ``fn`` (the backend table's ``fn(W, F, tile_n, tile_k)``) on every problem on
@@ -216,19 +230,33 @@ def run_self_check(name: str, fn: BackendFn, device: torch.device | str, max_fea
     is the cached, warning entry point."""
     device = torch.device(device)
     t = time.perf_counter()
-    probs = self_check_problems(device, max_features)
+    # Everything but the kernel runs on one CPU thread, before and after the kernel calls, which run
+    # back to back with the thread count they serve with (the CPU kernel's codebook split depends
+    # on it): on a loaded machine every multi-threaded op on these tiny tensors waits for the
+    # scheduler to wake the thread pool.
+    own = _one_cpu_thread if device.type == "cpu" else contextlib.nullcontext
     failure = None
     with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-        for p in probs:
-            w, f = p.features()
+        with own():
+            probs = self_check_problems(device, max_features)
+            feats = [p.features() for p in probs]
+            refs = [reference(w, f, DEFAULT_TILE_N, DEFAULT_TILE_K) for w, f in feats]
+        outs: list = []
+        for w, f in feats:
             try:
-                idx = fn(w, f, DEFAULT_TILE_N, DEFAULT_TILE_K)
-                why = judge(p, idx, reference(w, f, DEFAULT_TILE_N, DEFAULT_TILE_K))
+                outs.append(fn(w, f, DEFAULT_TILE_N, DEFAULT_TILE_K))
             except Exception as exc:  # noqa: BLE001 - a crashing kernel fails the check, it does not crash the search
-                why = "raised " + type(exc).__name__ + ": " + " ".join(str(exc).split())[:160]
-            if why is not None:
-                failure = f"case '{p.name}': {why}"
-                break
+                outs.append(exc)
+                break  # (a CUDA fault may poison the context: no further calls)
+        with own():
+            for p, out, ref in zip(probs, outs, refs):
+                if isinstance(out, Exception):
+                    why = "raised " + type(out).__name__ + ": " + " ".join(str(out).split())[:160]
+                else:
+                    why = judge(p, out, ref)
+                if why is not None:
+                    failure = f"case '{p.name}': {why}"
+                    break
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return SelfCheckResult(name, str(device), failure is None, len(probs), time.perf_counter() - t, failure)
