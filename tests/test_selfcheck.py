@@ -271,3 +271,22 @@ def test_build_names_are_per_checkout(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "source_dir", lambda: tmp_path / "other_checkout" / "csrc")
     assert kernels._cpu_build_name() != here_cpu and kernels._cuda_build_name() != here_cuda
     assert kernels._cuda_build_name().startswith("gq_search_cuda_")
+
+
+def test_problems_do_not_depend_on_the_thread_count():
+    """Only the "many rows" case grows with the threads; every other problem is the same tensor."""
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = self_check_problems("cpu")
+        torch.set_num_threads(3)
+        three = self_check_problems("cpu")
+    finally:
+        torch.set_num_threads(n)
+    assert len(one) == len(three)
+    for p, q in zip(one, three):
+        if p.name.startswith("many rows"):
+            assert (p.mean.shape[0], q.mean.shape[0]) == (4 * 48 + 7, 4 * 48 * 3 + 7)
+            continue
+        assert p.name == q.name and p.beta == q.beta and p.exact == q.exact
+        assert torch.equal(p.mean, q.mean) and torch.equal(p.logvar, q.logvar) and torch.equal(p.codebook, q.codebook)
