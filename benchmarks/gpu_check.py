@@ -1,28 +1,37 @@
-"""One prepared GPU check (issue #15): CUDA tests, search throughput, the SD3-sized recipe, memory.
+"""One prepared GPU check (issues #15, #28): kernel self-check, CUDA tests, search throughput, the
+SD3-sized recipe, memory.
 
-    bash benchmarks/gpu_check.sh                       # on a GPU: <= 8 minutes, report + JSON
+    bash benchmarks/gpu_check.sh                       # on a GPU: <= 9.5 minutes, report + JSON
     python benchmarks/gpu_check.py --cpu-dry-run --out-dir /tmp/gq   # same code, tiny shapes, CPU
 
-Sections (each written to ``gpu_check.md`` / ``gpu_check.json`` in ``--out-dir`` as soon as it ends,
-so a run killed by its time limit still leaves what it measured):
+Steps, in order (each written to ``gpu_check.md`` / ``gpu_check.json`` in ``--out-dir`` as soon as it
+ends, so a run killed by its time limit still leaves what it measured):
 
-0. ``peak``: the machine's fp32 GEMM rate, a large ``torch.mm`` with TF32 off (median of runs).
-1. ``tests``: ``pytest tests/test_kernels.py -k cuda`` in a subprocess (every backend available for
-   CUDA tensors against the float64 reference, exact ties, odd D, the nvcc compile check).
-2. ``search``: tokens/s of the fused backend (``cuda`` on a GPU; ``cpp``/``torch`` in the dry run)
+0. ``kernel``: build (or load) the compiled kernel (``cuda`` on a GPU, ``cpp`` in the dry run) and
+   run its first-use self-check (:mod:`gq_plugin.search.selfcheck`) first, reporting the verdict,
+   the build time and any wait for another process's build lock. Own time, no budget share.
+1. ``tests``: ``pytest tests/test_kernels.py tests/test_selfcheck.py -k cuda`` in a subprocess (every
+   backend available for CUDA tensors against the float64 reference, exact ties, odd D, the
+   self-check's problems on the CUDA kernel, the nvcc compile check), with its own time limit
+   (``tests_s``), not a share of the measurement budget.
+2. ``peak``: the machine's fp32 GEMM rate, a large ``torch.mm`` with TF32 off (median of runs). The
+   measurement budget (``--budget-s``) starts here.
+3. ``search``: tokens/s of the fused backend (``cuda`` on a GPU; ``cpp``/``torch`` in the dry run)
    and the torch tiled GEMM + argmax on the same device, for every N x K x m; GFLOP/s counted as
    ``2 * N * K * 2m``, % of the measured fp32 peak, agreement with the float64 reference on the
    first ``ref_rows`` rows (:func:`gq_plugin.search.compare_with_reference`).
-3. ``sd3``: the 0.25-bpp SD3 recipe (``recipes/sd3_gq_0.25.yaml``, 256 px, batch 16, bf16 under
+4. ``sd3``: the 0.25-bpp SD3 recipe (``recipes/sd3_gq_0.25.yaml``, 256 px, batch 16, bf16 under
    accelerate) seconds per training step with TDC vs the same model with a plain KL term
    (``quantizer.name=kl``), through ``gq_plugin.lab.train.autoencoder_step``; then
    ``vae.encode_indices`` images/s vs the unpatched encoder alone.
-4. memory: every timed item records ``peak_mib`` (CUDA: ``max_memory_allocated`` since the item
+5. memory: every timed item records ``peak_mib`` (CUDA: ``max_memory_allocated`` since the item
    began; CPU: the process's peak RSS) and ``extra_mib`` (the growth over the item).
 
-Sections 1-3 run in their own processes (a CUDA fault loses one section, not the run). A time guard
-(``--budget-s``) skips remaining items with a note when the run is over its share. Exit status 1 when
-a test failed, a backend disagreed with the reference beyond float32 near-ties, or a section crashed.
+Tests, search and sd3 run in their own processes (a CUDA fault loses one section, not the run). A
+time guard (``--budget-s``) skips remaining measurement items with a note when the run is over its
+share; a section process is killed only when it overruns the budget by 45 s (hung). Exit status 1
+when the kernel failed its self-check (or, on a GPU, did not build), a test failed, a backend
+disagreed with the reference beyond float32 near-ties, or a section crashed.
 """
 
 from __future__ import annotations
@@ -51,18 +60,19 @@ from search_speed import search_data  # noqa: E402
 HEADLINE = (262144, 2**16, 16)  # SD3 f8 at 1024 px, batch 16 (16 * 128^2 tokens); the 0.25-bpp recipe's K, m
 GPU = {
     "gemm": 8192, "gemm_reps": 10, "search_n": (32768, 262144), "search_k": (2**16, 2**18), "search_m": (4, 8, 16),
-    "headline": HEADLINE, "reps": 5, "ref_rows": 256, "budget_s": 420.0, "tests_s": 150.0, "search_until": 0.62,
+    "headline": HEADLINE, "reps": 5, "ref_rows": 256, "budget_s": 330.0, "tests_s": 150.0, "search_until": 0.6,
     "sd3_overrides": [], "warmup_steps": 2, "timed_steps": 8, "enc_reps": 10,
 }
 DRY = {
     "gemm": 512, "gemm_reps": 3, "search_n": (512, 2048), "search_k": (2**8, 2**10), "search_m": (4, 8, 16),
-    "headline": (2048, 2**8, 16), "reps": 3, "ref_rows": 64, "budget_s": 90.0, "tests_s": 60.0, "search_until": 0.5,
+    "headline": (2048, 2**8, 16), "reps": 3, "ref_rows": 64, "budget_s": 90.0, "tests_s": 300.0, "search_until": 0.5,
     "sd3_overrides": ["model.config.block_out_channels=[32,32]", "model.config.layers_per_block=1",
                       "model.config.down_block_types=[DownEncoderBlock2D,DownEncoderBlock2D]",
                       "model.config.up_block_types=[UpDecoderBlock2D,UpDecoderBlock2D]", "quantizer.codebook_size=256"],
     "warmup_steps": 1, "timed_steps": 2, "enc_reps": 2,
 }
 SD3 = {"recipe": "recipes/sd3_gq_0.25.yaml", "size": 256, "batch": 16, "dry_size": 32, "dry_batch": 2}
+TEST_FILES = ("tests/test_kernels.py", "tests/test_selfcheck.py")
 GOALS = {"fused_pct_of_peak": 50.0, "fused_vs_torch": 2.0, "tdc_overhead_pct": 3.0}
 
 
@@ -158,21 +168,51 @@ def gemm_peak(device: torch.device, size: int, reps: int) -> dict:
 # ----------------------------------------------------------------------------- sections
 
 
+def kernel_check(device: torch.device) -> dict:
+    """Build (or load) the compiled kernel for ``device`` and run its first-use self-check
+    (:func:`gq_plugin.search.verify_backend`), before anything is timed; the pytest and section
+    processes reuse the cached build. Records the seconds waited for another process's build lock."""
+    from gq_plugin.search import kernels, select_backend, verify_backend
+
+    name = "cuda" if device.type == "cuda" else "cpp"
+    t = time.monotonic()
+    built = kernels.cuda_available(device) if name == "cuda" else kernels.cpu_available(device)
+    out = {"backend": name, "built": built, "build_s": round(time.monotonic() - t, 1),
+           "lock_wait_s": round(sum(kernels.LOCK_WAITS.values()), 1)}
+    if built:
+        out["self_check"] = verify_backend(name, device).as_dict()
+    out["fused"] = select_backend(device)  # the compiled kernel only if it passed
+    return out
+
+
+def kernel_line(k: dict) -> str:
+    """One line on the compiled kernel: built?, its self-check, the build (lock) time."""
+    wait = f", of which {k['lock_wait_s']:.0f} s waiting for another process's build lock" if k["lock_wait_s"] else ""
+    head = f"{k['backend']} kernel: "
+    if not k["built"]:
+        return head + f"not built (torch backend serves; {k['build_s']:.0f} s{wait})"
+    sc = k["self_check"]
+    verdict = (f"self-check PASSED, {sc['cases']} cases in {1e3 * sc['seconds']:.0f} ms" if sc["passed"]
+               else f"self-check FAILED ({sc['failure']}): disabled, the torch backend serves")
+    return head + verdict + f"; build/load {k['build_s']:.0f} s{wait}"
+
+
 def run_tests(out_dir: Path, timeout_s: float) -> dict:
     """``pytest tests/test_kernels.py -k cuda`` in a subprocess; counts from its JUnit XML."""
     import xml.etree.ElementTree as ET
 
     xml, log = out_dir / "gpu_check_tests.xml", out_dir / "gpu_check_tests.log"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "tests/test_kernels.py", "-k", "cuda",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *TEST_FILES, "-k", "cuda",
            f"--junitxml={xml}"]
     t = time.monotonic()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(5.0, timeout_s), check=False)
         rc, text = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as exc:
-        rc, text = None, f"timed out after {timeout_s:.0f} s\n{exc.stdout or ''}"
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        rc, text = None, f"timed out after {timeout_s:.0f} s (the test step's own limit)\n{out}"
     log.write_text(text if isinstance(text, str) else text.decode(errors="replace"))
-    res = {"command": "python -m pytest -q tests/test_kernels.py -k cuda", "rc": rc, "seconds": time.monotonic() - t,
+    res = {"command": f"python -m pytest -q {' '.join(TEST_FILES)} -k cuda", "rc": rc, "timeout_s": timeout_s, "seconds": time.monotonic() - t,
            "log": log.name, "tail": "\n".join(str(text).strip().splitlines()[-12:])}
     if xml.is_file():
         suite = ET.parse(xml).getroot()
@@ -183,6 +223,9 @@ def run_tests(out_dir: Path, timeout_s: float) -> dict:
         res["failed_names"] = [tc.get("name") for tc in suite.iter("testcase")
                                if tc.find("failure") is not None or tc.find("error") is not None]
     res["ok"] = rc == 0 and res.get("failures", 1) == 0 and res.get("errors", 1) == 0
+    waits = [line for line in str(text).splitlines() if line.startswith("gq_plugin: wait")]
+    if waits:  # the kernels module says when it waits for another process's build lock
+        res["lock_wait"] = " / ".join(waits)
     return res
 
 
@@ -352,6 +395,11 @@ def goals(res: dict) -> dict:
 def failures(res: dict) -> list[str]:
     """What went wrong: failed tests, rows that disagree with the reference, crashed sections."""
     bad = list(res.get("errors", []))
+    k = res.get("kernel")
+    if k and k.get("self_check") and not k["self_check"]["passed"]:
+        bad.append(f"{k['backend']} kernel self-check: {k['self_check']['failure']}")
+    if k and not k["built"] and res.get("meta", {}).get("mode") == "gpu":
+        bad.append(f"{k['backend']} kernel: not built on the GPU machine")
     tests = res.get("tests")
     if tests and not tests.get("ok"):
         bad.append(f"tests: rc={tests.get('rc')}, failed {tests.get('failed_names', '?')}")
@@ -371,16 +419,22 @@ def markdown(res: dict) -> str:
     mem_kind = "CUDA max_memory_allocated" if not dry else "process peak RSS (CPU)"
     lines = [f"## GPU check ({'CPU DRY RUN: tiny shapes, says nothing about GPU speed' if dry else 'GPU'})", "",
              f"Command: `{meta['command']}`  ", f"Device: {meta['device']}; torch {meta['torch']}, CUDA {meta['cuda']}; "
-             f"{meta.get('when', '')}; {res.get('elapsed_s', 0):.0f} s of a {meta['budget_s']:.0f} s budget.  "]
+             f"{meta.get('when', '')}; {res.get('elapsed_s', 0):.0f} s in all; measurements {res.get('measure_s', 0):.0f} s "
+             f"of a {meta['budget_s']:.0f} s budget (the kernel check and the tests run on their own time).  "]
     if "peak" in res:
         pk = res["peak"]
         lines.append(f"fp32 peak (torch.mm {pk['size']}^3, TF32 off, median of {pk['runs']}): "
                      f"**{1e3 * pk['tflops_median']:,.1f} GFLOP/s** (best {1e3 * pk['tflops_best']:,.1f}).")
-    lines += ["", f"Memory columns: peak / growth over the item, MiB ({mem_kind}).", "", "### 1. CUDA runtime tests", ""]
+    lines += ["", f"Memory columns: peak / growth over the item, MiB ({mem_kind}).", "", "### 0. Compiled kernel and its self-check", ""]
+    lines.append(kernel_line(res["kernel"]) + "." if "kernel" in res else "not run")
+    lines += ["", "### 1. CUDA runtime tests", ""]
     t = res.get("tests")
     if t:
         lines.append(f"`{t['command']}`: {t.get('passed', '?')} passed, {t.get('failures', '?')} failed, "
-                     f"{t.get('errors', '?')} errors, {t.get('skipped', '?')} skipped ({t['seconds']:.0f} s, rc {t['rc']}).")
+                     f"{t.get('errors', '?')} errors, {t.get('skipped', '?')} skipped ({t['seconds']:.0f} s of its own "
+                     f"{t.get('timeout_s', 0):.0f} s limit, rc {t['rc']}).")
+        if t.get("lock_wait"):
+            lines.append(f"Build lock: {t['lock_wait']}")
         if t.get("failed_names"):
             lines.append("Failed: " + ", ".join(t["failed_names"]))
     else:
@@ -440,12 +494,14 @@ def run_section(section: str, args, clock: Clock, peak_gflops: float) -> tuple[o
            "--budget-s", str(clock.budget), "--peak-gflops", repr(peak_gflops), "--out-dir", str(args.out_dir)]
     cmd += ["--cpu-dry-run"] if args.cpu_dry_run else []
     err = None
+    kill_s = max(90.0, clock.left(1.0) + 45.0)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(60.0, clock.left(1.05)), check=False)
+        # the child skips what does not fit its budget; this kill is for a hung child only
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=kill_s, check=False)
         if proc.returncode != 0:
             err = f"{section} process exited with rc={proc.returncode}: " + " | ".join(proc.stderr.strip().splitlines()[-6:])
     except subprocess.TimeoutExpired:
-        err = f"{section} process killed at the time limit ({clock.left(1.05):.0f} s left)"
+        err = f"{section} process killed after {kill_s:.0f} s (hung?)"
     value = json.loads(part.read_text()) if part.is_file() else None
     return value, err
 
@@ -483,7 +539,8 @@ def main(argv=None) -> int:
     if not dry and not torch.cuda.is_available():
         ap.error("no CUDA device: run on a GPU, or pass --cpu-dry-run")
     p = dict(DRY if dry else GPU)
-    clock = Clock(args.budget_s if args.budget_s is not None else p["budget_s"])
+    budget = args.budget_s if args.budget_s is not None else p["budget_s"]
+    t_run = time.time()
     device = torch.device("cpu" if dry else "cuda")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -492,12 +549,14 @@ def main(argv=None) -> int:
         props = torch.cuda.get_device_properties(device)
         name += f" (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)"
     res: dict = {"meta": {"mode": "cpu-dry-run" if dry else "gpu", "device": name, "torch": torch.__version__,
-                          "cuda": torch.version.cuda, "budget_s": clock.budget, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                          "cuda": torch.version.cuda, "budget_s": budget, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                           "command": "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])},
                  "headline": list(p["headline"]), "notes": []}
+    clock: Clock | None = None  # the measurement budget starts after the kernel check and the tests
 
     def save() -> None:
-        res["elapsed_s"] = clock.elapsed()
+        res["elapsed_s"] = time.time() - t_run
+        res["measure_s"] = clock.elapsed() if clock is not None else 0.0
         res["goals"], res["failures"] = goals(res), failures(res)
         (out_dir / "gpu_check.json").write_text(json.dumps(res, indent=1, default=str))
         (out_dir / "gpu_check.md").write_text(markdown(res))
@@ -508,19 +567,19 @@ def main(argv=None) -> int:
             save()
         return put
 
+    # first: build (or load) the compiled kernel and run its self-check, on its own time
+    record("kernel")(kernel_check(device))
+    k = res["kernel"]
+    res["meta"]["fused_backend"], res["meta"]["kernel_build_s"] = k["fused"], k["build_s"]
+    print(f"[gpu_check] {kernel_line(k)} ({time.time() - t_run:.0f} s)", flush=True)
+    if k["fused"] == "torch":
+        res["notes"].append(f"no trusted compiled kernel for {device.type}: the 'fused' rows are the torch backend")
+    if "tests" in args.only:  # its own time limit, not a share of the measurement budget
+        record("tests")(run_tests(out_dir, p["tests_s"]))
+        print(f"[gpu_check] tests ok={res['tests']['ok']} ({time.time() - t_run:.0f} s)", flush=True)
+    clock = Clock(budget)
     record("peak")(gemm_peak(device, p["gemm"], p["gemm_reps"]))
-    print(f"[gpu_check] fp32 peak {1e3 * res['peak']['tflops_median']:.1f} GFLOP/s ({clock.elapsed():.0f} s)", flush=True)
-    # build the fused kernel before anything is timed (the pytest subprocess reuses the cached build)
-    from gq_plugin.search import select_backend
-
-    t = time.monotonic()
-    res["meta"]["fused_backend"] = select_backend(device)
-    res["meta"]["kernel_build_s"] = round(time.monotonic() - t, 1)
-    if res["meta"]["fused_backend"] == "torch":
-        res["notes"].append(f"no compiled kernel for {device.type}: the 'fused' rows are the torch backend")
-    if "tests" in args.only:
-        record("tests")(run_tests(out_dir, min(p["tests_s"], clock.left(0.5))))
-        print(f"[gpu_check] tests ok={res['tests']['ok']} ({clock.elapsed():.0f} s)", flush=True)
+    print(f"[gpu_check] fp32 peak {1e3 * res['peak']['tflops_median']:.1f} GFLOP/s ({time.time() - t_run:.0f} s)", flush=True)
     for section in ("search", "sd3"):
         if section in args.only:
             value, err = run_section(section, args, clock, res["peak"]["tflops_median"] * 1e3)
@@ -529,7 +588,7 @@ def main(argv=None) -> int:
             if err:
                 res.setdefault("errors", []).append(err)
             save()
-            print(f"[gpu_check] {section} done ({clock.elapsed():.0f} s){' ERROR ' + err if err else ''}", flush=True)
+            print(f"[gpu_check] {section} done ({time.time() - t_run:.0f} s){' ERROR ' + err if err else ''}", flush=True)
     print(markdown(res))
     return 1 if res["failures"] else 0
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_check  # noqa: E402
 
-SECTIONS = ("### 1. CUDA runtime tests", "### 2. Search throughput", "### 3. SD3-sized recipe", "### 4. Goals")
+SECTIONS = ("### 0. Compiled kernel and its self-check", "### 1. CUDA runtime tests", "### 2. Search throughput", "### 3. SD3-sized recipe", "### 4. Goals")
 
 
 def _run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict, str]:
@@ -49,6 +49,18 @@ def test_cpu_dry_run_writes_every_section(tmp_path):
     if meta["fused_backend"] != "torch":  # the note says when no compiled kernel was there
         assert res["notes"] == []
     p = gpu_check.DRY
+
+    # kernel: built (or loaded) and self-checked first, on its own time
+    k = res["kernel"]
+    assert k["backend"] == "cpp" and k["fused"] == meta["fused_backend"] and k["build_s"] == meta["kernel_build_s"]
+    if k["built"]:
+        from gq_plugin.search.selfcheck import self_check_problems
+
+        sc = k["self_check"]
+        assert sc["passed"] and not sc["skipped"] and sc["cases"] == len(self_check_problems("cpu")) and sc["seconds"] > 0
+        assert meta["fused_backend"] == "cpp"
+        assert f"cpp kernel: self-check PASSED, {sc['cases']} cases in " in md
+    assert 0 < res["measure_s"] <= res["elapsed_s"]
 
     # 0. peak
     assert res["peak"]["size"] == p["gemm"] and res["peak"]["runs"] == p["gemm_reps"] and res["peak"]["tf32"] is False
@@ -108,10 +120,14 @@ def test_cpu_dry_run_writes_every_section(tmp_path):
 
 
 def test_time_guard_skips_with_a_note(tmp_path):
-    proc, res, md = _run(tmp_path, "--budget-s", "0", "--only", "search")
+    """A zero measurement budget skips every measurement, but not the kernel check or the tests:
+    they run on their own time (issue #28: the tests once timed out on a share of the budget)."""
+    proc, res, md = _run(tmp_path, "--budget-s", "0", "--only", "tests", "search")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(res["search"]) == 12 and all(r["skipped"].startswith("time budget") for r in res["search"])
-    assert "tests" not in res and "sd3" not in res and res["failures"] == []
+    assert res["tests"]["ok"] and res["tests"]["timeout_s"] == gpu_check.DRY["tests_s"]
+    assert res["tests"]["passed"] + res["tests"]["skipped"] == res["tests"]["tests"] >= 43
+    assert "kernel" in res and "sd3" not in res and res["failures"] == []
     assert all(g["value"] is None and g["met"] is None for g in res["goals"].values())
     assert md.count("skipped: time budget") == 12 and all(s in md for s in SECTIONS)
 
@@ -136,6 +152,24 @@ def test_failures_flag_wrong_rows_and_failed_tests():
     res = {"tests": {"ok": False, "rc": 1, "failed_names": ["test_x"]}, "search": [row]}
     assert gpu_check.failures(res) == ["tests: rc=1, failed ['test_x']", "search 4x8x2 cuda: 3 rows wrong"]
     assert gpu_check.failures({"tests": {"ok": True}, "search": [{"n": 1, "k": 1, "m": 1, "skipped": "x"}]}) == []
+    bad_kernel = {"backend": "cuda", "built": True, "self_check": {"passed": False, "failure": "case 'x': 3 of 9 rows wrong"}}
+    assert gpu_check.failures({"kernel": bad_kernel}) == ["cuda kernel self-check: case 'x': 3 of 9 rows wrong"]
+    unbuilt = {"backend": "cuda", "built": False}
+    assert gpu_check.failures({"kernel": unbuilt, "meta": {"mode": "gpu"}}) == ["cuda kernel: not built on the GPU machine"]
+    assert gpu_check.failures({"kernel": {**unbuilt, "backend": "cpp"}, "meta": {"mode": "cpu-dry-run"}}) == []
+
+
+def test_kernel_line_reports_verdict_and_lock_wait():
+    ok = {"backend": "cuda", "built": True, "build_s": 61.2, "lock_wait_s": 0.0,
+          "self_check": {"passed": True, "cases": 15, "seconds": 0.0123, "failure": None}}
+    assert gpu_check.kernel_line(ok) == "cuda kernel: self-check PASSED, 15 cases in 12 ms; build/load 61 s"
+    waited = {**ok, "lock_wait_s": 40.4}
+    assert gpu_check.kernel_line(waited).endswith("build/load 61 s, of which 40 s waiting for another process's build lock")
+    bad = {**ok, "self_check": {"passed": False, "cases": 15, "seconds": 0.01, "failure": "case 'y': raised X"}}
+    assert gpu_check.kernel_line(bad) == ("cuda kernel: self-check FAILED (case 'y': raised X): disabled, the torch backend "
+                                          "serves; build/load 61 s")
+    assert gpu_check.kernel_line({"backend": "cpp", "built": False, "build_s": 3.0, "lock_wait_s": 0.0}) == \
+        "cpp kernel: not built (torch backend serves; 3 s)"
 
 
 def test_crashed_section_is_reported(tmp_path, monkeypatch):

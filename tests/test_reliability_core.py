@@ -389,3 +389,5 @@ def test_live_builder_is_waited_for_at_most_the_timeout_then_torch_fallback(tmp_
     warns = [line for line in proc.stdout.splitlines() if line.startswith("WARNING")]
     assert len(warns) == 1 and "falling back to the torch search backend" in warns[0] and "TimeoutError" in warns[0]
     assert "GQ_KERNELS_LOCK_TIMEOUT" in warns[0]
+    # the wait is said when it begins (issue #28: a check stuck behind a build must say why)
+    assert f"gq_plugin: waiting for another process's build of the search kernel in {d}" in proc.stderr, proc.stderr

@@ -13,7 +13,9 @@ Backends (``GQ_SEARCH_BACKEND=torch|cpp|cuda`` forces one):
 
 * ``torch``: tiled ``torch.mm`` + running max, any device.
 * ``cpp`` / ``cuda``: the fused kernels in ``csrc/`` (see :mod:`gq_plugin.search.kernels`), used
-  automatically when they are built and the inputs live on a matching device.
+  automatically when they are built, have passed their first-use self-check on the device
+  (:mod:`gq_plugin.search.selfcheck`; ``GQ_KERNELS_SELF_CHECK=0`` skips it) and the inputs live
+  on a matching device.
 
 Everything runs in float32, also under ``torch.autocast``. Ties go to the smallest index
 (as ``torch.argmax``). Because the GEMM form rounds differently from the direct log-density
@@ -32,6 +34,7 @@ import torch
 from ..rate import LOGVAR_RANGE
 from .features import codebook_features, row_features
 from .reference import compare_with_reference, reference_scores, search_reference
+from .selfcheck import SelfCheckResult, forget, verdict
 from .torch_backend import DEFAULT_TILE_K, DEFAULT_TILE_N, argmax_ip_torch
 
 __all__ = [
@@ -48,6 +51,7 @@ __all__ = [
     "row_features",
     "search_reference",
     "select_backend",
+    "verify_backend",
 ]
 
 BackendFn = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
@@ -77,17 +81,56 @@ _AVAILABLE: dict[str, Callable[[torch.device], bool]] = {
 PREFERENCE = {"cuda": ("cuda", "torch"), "cpu": ("cpp", "torch")}
 # The fused CUDA kernel holds a row's features in registers: rows wider than this use the torch backend.
 CUDA_MAX_FEATURES = 64
+# Compiled backends serve only after passing the first-use self-check on the device (selfcheck.py):
+# name -> the widest rows (features) it takes, None = any.
+_SELF_CHECKED: dict[str, int | None] = {"cpp": None, "cuda": CUDA_MAX_FEATURES}
 
 
-def register_backend(name: str, fn: BackendFn, available: Callable[[torch.device], bool]) -> None:
+def register_backend(
+    name: str, fn: BackendFn, available: Callable[[torch.device], bool], self_check: bool = False,
+    max_features: int | None = None,
+) -> None:
     """Register an ``argmax_inner_product`` backend.
 
     ``fn(W, F, tile_n, tile_k) -> LongTensor (N,)`` must return, for each row of the float32
     contiguous ``W`` (N x D), the smallest index ``k`` maximising ``W[n] . F[k]`` (F is K x D).
     ``available(device)`` says whether it can run on tensors living on ``device``.
+    ``self_check=True`` (for compiled code) makes it pass the first-use self-check
+    (:mod:`gq_plugin.search.selfcheck`) on rows up to ``max_features`` wide (None: any width)
+    before it serves a search on a device.
     """
     _BACKENDS[name] = fn
     _AVAILABLE[name] = available
+    _SELF_CHECKED.pop(name, None)
+    forget(name)
+    if self_check:
+        _SELF_CHECKED[name] = max_features
+
+
+def verify_backend(name: str, device: torch.device | str) -> SelfCheckResult:
+    """The self-check verdict on backend ``name`` for ``device``: run once per process and device
+    (the first search that could use the kernel runs it too), then cached. A failing kernel is
+    disabled for the process with one ``RuntimeWarning`` naming it and the failing case. Backends
+    without a self-check (``torch``) pass with ``cases == 0``.
+
+    Raises ``ValueError`` for an unknown name and ``RuntimeError`` when the backend cannot run on
+    ``device`` (not built).
+    """
+    device = torch.device(device)
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(_BACKENDS)}, got {name!r}")
+    if not _AVAILABLE[name](device):
+        raise RuntimeError(f"search backend {name!r} is not available for device {device}")
+    if name not in _SELF_CHECKED:
+        return SelfCheckResult(name, str(device), True, 0, 0.0)
+    from .kernels import warn_fallback
+
+    return verdict(name, _BACKENDS[name], device, _SELF_CHECKED[name], warn_fallback)
+
+
+def _usable(name: str, device: torch.device) -> bool:
+    """Built for ``device`` and, for a compiled backend, trusted by its self-check there."""
+    return _AVAILABLE[name](device) and (name not in _SELF_CHECKED or verify_backend(name, device).passed)
 
 
 def backend_names() -> list[str]:
@@ -96,13 +139,18 @@ def backend_names() -> list[str]:
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Names of the backends that can run on ``device`` (compiled ones are built on first ask)."""
+    """Names of the backends that can run on ``device`` (compiled ones are built and self-checked
+    on first ask; one that failed its self-check is not listed)."""
     device = torch.device(device)
-    return [n for n, ok in _AVAILABLE.items() if ok(device)]
+    return [n for n in _BACKENDS if _usable(n, device)]
 
 
 def select_backend(device: torch.device | str, backend: str | None = None) -> str:
-    """Pick the backend: ``backend`` argument > ``GQ_SEARCH_BACKEND`` > fastest available."""
+    """Pick the backend: ``backend`` argument > ``GQ_SEARCH_BACKEND`` > fastest available.
+
+    A compiled backend is chosen only once it has passed its self-check on ``device``; forcing one
+    that failed it raises ``RuntimeError`` (automatic selection falls back to the next one).
+    """
     device = torch.device(device)
     requested = backend or os.environ.get("GQ_SEARCH_BACKEND") or None
     if requested is not None:
@@ -114,9 +162,12 @@ def select_backend(device: torch.device | str, backend: str | None = None) -> st
             raise ValueError(f"backend must be one of {sorted(_BACKENDS)} or 'auto', got {requested!r}")
         if not _AVAILABLE[requested](device):
             raise RuntimeError(f"search backend {requested!r} is not available for device {device}")
+        check = verify_backend(requested, device)
+        if not check.passed:
+            raise RuntimeError(f"search backend {requested!r} failed its self-check on {check.device} ({check.failure})")
         return requested
     for name in PREFERENCE.get(device.type, ("torch",)):
-        if name in _BACKENDS and _AVAILABLE[name](device):
+        if name in _BACKENDS and _usable(name, device):
             return name
     return "torch"
 

@@ -25,7 +25,13 @@ Builds are serialised across processes by an OS file lock that dies with its hol
 killed halfway never leaves later processes waiting on torch's ``lock`` file forever (that stale
 file is removed and the kernel rebuilt); a live build is waited for at most
 ``GQ_KERNELS_LOCK_TIMEOUT`` seconds (default 900), then the torch backend is used with the
-one-line warning.
+one-line warning. A process that has to wait says so on stderr (and how long it waited).
+
+Build names include a hash of the source and torch paths, so checkouts sharing an extensions
+directory do not rebuild each other's kernel (see :func:`_checkout_tag`).
+
+Before a compiled kernel serves its first search on a device, :mod:`gq_plugin.search` runs its
+self-check (:mod:`gq_plugin.search.selfcheck`; ``GQ_KERNELS_SELF_CHECK=0`` skips it).
 """
 
 from __future__ import annotations
@@ -86,12 +92,20 @@ def _cpu_flags() -> list[str]:
     return flags
 
 
+def _checkout_tag() -> str:
+    """Where the sources and torch's headers live. ``cpp_extension.load`` writes both paths into
+    the build's ``build.ninja``, so two checkouts (or virtualenvs) sharing one build directory
+    would make ninja recompile on every alternate load and hold the build lock each time; the
+    build names include this, so each checkout keeps its own cached build."""
+    return f"src={source_dir()}|torch={os.path.dirname(torch.__file__)}"
+
+
 def _cpu_build_name() -> str:
     """Extension name for the CPU build. With ``-march=native`` it includes a hash of this CPU's
     model and ISA flags, so a shared extensions directory never hands a binary built for one CPU
-    to another (which could die with SIGILL)."""
+    to another (which could die with SIGILL); and of :func:`_checkout_tag`."""
     march = os.environ.get("GQ_KERNELS_MARCH", "native")
-    ident = f"march={march}"
+    ident = f"march={march}|{_checkout_tag()}"
     if march == "native":
         ident += "|" + platform.machine() + "|" + platform.processor()
         try:
@@ -140,7 +154,7 @@ def _build(kind: str) -> ModuleType:
     if kind == "cuda":
         if torch.version.cuda is None:
             raise RuntimeError("torch is a CPU-only build")
-        name = "gq_search_cuda"
+        name = _cuda_build_name()
         _announce_build(name, "fused CUDA search kernel", "~1 min")
         return cpp_extension.load(
             name=name,
@@ -154,12 +168,18 @@ def _build(kind: str) -> ModuleType:
 
 
 LOCK_TIMEOUT_S = 900.0  # default of GQ_KERNELS_LOCK_TIMEOUT
+# build name -> seconds this process waited for another process's build lock (absent: no wait)
+LOCK_WAITS: dict[str, float] = {}
 
 
 def _build_name(kind: str) -> str | None:
     if kind == "cpu":
         return _cpu_build_name()
-    return "gq_search_cuda" if torch.version.cuda is not None else None
+    return _cuda_build_name() if torch.version.cuda is not None else None
+
+
+def _cuda_build_name() -> str:
+    return "gq_search_cuda_" + hashlib.sha1(_checkout_tag().encode()).hexdigest()[:10]
 
 
 def _build_directory(name: str) -> Path:
@@ -182,7 +202,8 @@ def _build_lock(name: str | None):
     releases when its holder dies. Whoever holds it knows that any torch ``lock`` file there is
     stale (its owner held the OS lock and is gone) and removes it. A live builder is waited for at
     most ``GQ_KERNELS_LOCK_TIMEOUT`` seconds (default 900), then ``TimeoutError`` (the caller falls
-    back to the torch backend with its one-line warning). Without ``fcntl`` (Windows) a torch lock
+    back to the torch backend with its one-line warning). A wait is said on stderr when it begins
+    and ends, and its length kept in :data:`LOCK_WAITS`. Without ``fcntl`` (Windows) a torch lock
     older than the timeout counts as stale.
     """
     if name is None:
@@ -198,17 +219,26 @@ def _build_lock(name: str | None):
     fd = os.open(build_dir / "gq_build.lock", os.O_RDWR | os.O_CREAT, 0o666)
     try:
         if fcntl is not None:
-            deadline = time.monotonic() + timeout
+            start = time.monotonic()
+            deadline, waited = start + timeout, False
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except OSError:
+                    if not waited:
+                        waited = True
+                        print(f"gq_plugin: waiting for another process's build of the search kernel in {build_dir} "
+                              f"(up to GQ_KERNELS_LOCK_TIMEOUT={timeout:g} s)", file=sys.stderr, flush=True)
                     if time.monotonic() >= deadline:
+                        LOCK_WAITS[name] = time.monotonic() - start
                         raise TimeoutError(
                             f"waited GQ_KERNELS_LOCK_TIMEOUT={timeout:g} s for another process building {build_dir}"
                         ) from None
                     time.sleep(0.2)
+            if waited:
+                LOCK_WAITS[name] = time.monotonic() - start
+                print(f"gq_plugin: waited {LOCK_WAITS[name]:.1f} s for the build lock of {build_dir}", file=sys.stderr, flush=True)
         stale = build_dir / "lock"
         try:
             if fcntl is not None or time.time() - stale.stat().st_mtime > timeout:
