@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU check (issues #15, #28), at most 9.5 minutes on one GPU (kernel build + self-check, tests on
-# their own time, then a 330 s measurement budget); see docs/kernels.md "GPU check".
+# their own time, then a 210 s measurement budget); see docs/kernels.md "GPU check".
 #
 #   bash benchmarks/gpu_check.sh                  # on the GPU machine: report + JSON in $OUT (else benchmarks/results)
 #   bash benchmarks/gpu_check.sh --cpu-dry-run    # anywhere: the same code at tiny shapes, < 1 minute
@@ -24,4 +24,4 @@ fi
 export PYTHONUNBUFFERED=1
 unset GQ_KERNELS_SELF_CHECK  # the kernel self-check is the first thing this check reports: never skipped here
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv
-exec timeout -k 10 "${GQ_CHECK_TIMEOUT:-570}" "$PY" benchmarks/gpu_check.py --out-dir "$OUT_DIR" "$@"
+exec timeout -k 10 "${GQ_CHECK_TIMEOUT:-420}" "$PY" benchmarks/gpu_check.py --out-dir "$OUT_DIR" "$@"
