@@ -1,4 +1,8 @@
-"""``gq tokenize``: a whole image dataset -> sharded, bit-packed GQ token files + ``manifest.json``.
+"""``gq tokenize``: a whole image dataset -> sharded, bit-packed token files + ``manifest.json``.
+
+MODEL is any tokenizer the library trains (:mod:`gq_plugin.lab.tokenizer`): a GQ model, or a
+VQ / FSQ / LFQ / BSQ / TokenBridge baseline checkpoint of ``gq train`` (its codebook size in the
+manifest, ``codebook="learned"``); the token files have one format for all of them.
 
 What autoregressive training on GQ tokens (TokenBridge-style and others) needs first::
 
@@ -187,12 +191,10 @@ def _listing_digest(items: list[Item]) -> str:
     return h.hexdigest()[:16]
 
 
-def _plan(vae, mid: str, items: list[Item], size: int, shard_size: int, sources) -> dict:
-    q = vae.gq_quantizer
+def _plan(tok, model_dir, items: list[Item], size: int, shard_size: int, sources) -> dict:
     return {
         "format": FORMAT, "version": VERSION,
-        "model_id": mid, "fingerprint": q.fingerprint, "codebook_size": int(q.codebook_size), "codebook_dim": int(q.codebook_dim),
-        "grouping": q.grouping, "codebook": q.codebook_kind, "seed": int(q.seed),
+        "model_id": tok.model_id, **tok.describe(), "quantizer": tok.kind, "model_dir": str(Path(model_dir).resolve()),
         "image_size": [size, size], "shard_size": shard_size, "num_images": len(items),
         "num_shards": (len(items) + shard_size - 1) // shard_size,
         "listing_sha256": _listing_digest(items), "sources": [str(s) for s in sources],
@@ -245,8 +247,7 @@ def tokenize(model_dir, sources, out_dir, size: int = 256, batch_size: int = 16,
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from .codec import load_model, model_id
-    from .models import downsampling_factor
+    from .tokenizer import load_tokenizer
 
     for name, v, lo in (("size", size, 1), ("batch_size", batch_size, 1), ("workers", workers, 0), ("shard_size", shard_size, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -258,16 +259,15 @@ def tokenize(model_dir, sources, out_dir, size: int = 256, batch_size: int = 16,
         raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
     device = torch.device(device) if device is not None else (d_device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
-    vae = load_model(model_dir, "MODEL")
-    f = downsampling_factor(vae)
+    tok = load_tokenizer(model_dir, "MODEL")
+    f = tok.factor
     if size % f:
         raise ValueError(f"size={size} must be a multiple of the model's downsampling factor {f}")
-    mid = model_id(model_dir, "MODEL")
     items = list_items(sources)
     if not items:
         raise ValueError("SOURCE holds no images")
     out = Path(out_dir)
-    plan = _plan(vae, mid, items, size, shard_size, sources if not isinstance(sources, (str, os.PathLike)) else [sources])
+    plan = _plan(tok, model_dir, items, size, shard_size, sources if not isinstance(sources, (str, os.PathLike)) else [sources])
     if (out / PLAN).is_file():
         _check_plan(json.loads((out / PLAN).read_text()), plan, out)
     barrier()  # every rank has compared against the old plan before rank 0 replaces it
@@ -281,8 +281,7 @@ def tokenize(model_dir, sources, out_dir, size: int = 256, batch_size: int = 16,
     todo = [s for s in mine if not (out / shard_name(s)).is_file()]
     ids = [i for s in todo for i in range(s * shard_size, min(n, (s + 1) * shard_size))]
 
-    vae.to(device)
-    q = vae.gq_quantizer
+    tok.to(device)
     loader = DataLoader(_ImageItems(items, ids, size, f), batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda")
     pbar = tqdm(total=len(ids), unit="img", desc=f"tokenize{f' rank {rank}/{world_size}' if world_size > 1 else ''}",
@@ -294,8 +293,8 @@ def tokenize(model_dir, sources, out_dir, size: int = 256, batch_size: int = 16,
     written, t0 = 0, time.time()
     with torch.inference_mode():
         for x, batch_ids in loader:
-            idx = vae.encode_indices(x.to(device, non_blocking=True)).cpu()
-            pending.append(idx.to(torch.int32) if q.codebook_size <= 2**31 else idx)
+            idx = tok.encode(x.to(device, non_blocking=True)).cpu()
+            pending.append(idx.to(torch.int32) if tok.codebook_size <= 2**31 else idx)
             pending_ids += batch_ids.tolist()
             pbar.update(len(batch_ids))
             while cur is not None:
@@ -304,7 +303,7 @@ def tokenize(model_dir, sources, out_dir, size: int = 256, batch_size: int = 16,
                     break
                 block = torch.cat(pending)
                 assert pending_ids[:count] == list(range(first, first + count))  # loader order = shard order
-                _write_shard(out, cur, block[:count], items[first : first + count], q, mid, size, rank, first)
+                _write_shard(out, cur, block[:count], items[first : first + count], tok, size, rank, first)
                 written += 1
                 pending, pending_ids = [block[count:]], pending_ids[count:]
                 pbar.set_postfix(shards=f"{written}/{len(todo)}")
@@ -320,9 +319,9 @@ def tokenize(model_dir, sources, out_dir, size: int = 256, batch_size: int = 16,
     return info
 
 
-def _write_shard(out: Path, s: int, indices: torch.Tensor, items: list[Item], q, mid: str, size: int, rank: int, first: int) -> None:
-    header = TokenHeader.for_quantizer(q, tuple(indices.shape), model_id=mid, image_size=(size, size),
-                                       extra={"shard": s, "first": first, "rank": rank, "keys": [it.key for it in items]})
+def _write_shard(out: Path, s: int, indices: torch.Tensor, items: list[Item], tok, size: int, rank: int, first: int) -> None:
+    header = tok.header(tuple(indices.shape), image_size=(size, size),
+                        extra={"shard": s, "first": first, "rank": rank, "keys": [it.key for it in items]})
     if len(header.to_json()) > MAX_HEADER_BYTES // 2:
         raise ValueError(f"shard {s}: its {len(items)} keys make the header too large; lower --shard-size")
     _write_atomic(out / shard_name(s), dumps(indices, header), f"r{rank}-{os.getpid()}")
