@@ -8,6 +8,8 @@
     gq encode IMG... --model DIR -o FILE.gqt   images -> bit-packed token file
     gq decode FILE.gqt --model DIR -o OUT.png  token file (or one shard of `gq tokenize`) -> images
     gq tokenize MODEL SOURCE... --out DIR      image folder / tar shards -> sharded token files + manifest
+    gq prior train TOKENS --out RUN            autoregressive prior (x-transformers) over a token folder
+    gq prior sample RUN --n N --out DIR        prior samples decoded by the tokenizer -> PNGs + grid
     gq recipes                    list the bundled recipes
 """
 
@@ -195,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--shard-size", type=int, default=1000, help="images per shard file (a killed run loses at most one shard per process)")
     tk.add_argument("--quiet", **quiet)
     tk.set_defaults(func=_cmd_tokenize)
+
+    from .prior.cli import add_prior_commands
+
+    add_prior_commands(sub.add_parser("prior", help="token prior: `gq prior train`, `gq prior sample`",
+                                      description="An autoregressive transformer prior over `gq tokenize` token files."))
 
     r = sub.add_parser("recipes", help="list bundled recipes")
     r.set_defaults(func=_cmd_recipes)

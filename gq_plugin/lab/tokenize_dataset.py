@@ -378,7 +378,10 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def _load(self, s: int) -> tuple[torch.Tensor, list[str]]:
         sh = self.shards[s]
-        idx, h = load_tokens(self.root / sh["file"])
+        try:
+            idx, h = load_tokens(self.root / sh["file"])
+        except (ValueError, OSError) as e:  # name the shard: "checksum mismatch" alone does not say where
+            raise ValueError(f"shard {sh['file']}: {e}") from None
         mf = self.manifest
         bad = [f for f, v in (("fingerprint", h.fingerprint), ("codebook_size", h.codebook_size), ("codebook_dim", h.codebook_dim),
                               ("model_id", h.model_id)) if mf[f] != v]
