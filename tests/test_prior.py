@@ -17,17 +17,12 @@ pytest.importorskip("x_transformers")
 PIL = pytest.importorskip("PIL.Image")
 
 from gq_plugin.lab.cli import main as gq_main  # noqa: E402
-from gq_plugin.lab.data import wheel_photos  # noqa: E402
 from gq_plugin.lab.prior import TokenLayout, build_prior, evaluate_nll, load_prior, load_prior_config  # noqa: E402
 from gq_plugin.lab.tokenizer import BaselineTokenizer, GQTokenizer, load_tokenizer  # noqa: E402
 from gq_plugin.tokens import load_tokens  # noqa: E402
 
-MICRO_MODEL = {
-    "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"], "block_out_channels": [8, 16], "layers_per_block": 1,
-    "latent_channels": 4, "norm_num_groups": 4, "sample_size": 32, "mid_block_add_attention": False,
-    "use_quant_conv": False, "use_post_quant_conv": False,
-}
+from _tokenizers import small_photos, train_tokenizer  # noqa: E402
+
 SIZE = 16  # 8 x 8 token grid at the micro model's factor 2
 PRIOR = ["model.dim=32", "model.depth=1", "model.heads=2", "model.dim_head=16", "train.batch_size=4", "train.log_every=1"]
 
@@ -92,23 +87,9 @@ def test_config_errors_name_the_key():
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     d = tmp_path_factory.mktemp("photos")
-    for key, path, _ in list(wheel_photos())[:10]:
-        im = PIL.open(path).convert("RGB")
-        s = 40 / min(im.size)
-        im.resize((max(40, round(im.size[0] * s)), max(40, round(im.size[1] * s)))).save(d / f"{key}.png")
-    if len(list(d.iterdir())) < 8:
+    if small_photos(d) < 8:
         pytest.skip("needs the photos shipped in scikit-image / scikit-learn / pyiqa wheels")
     return d
-
-
-def _train_tokenizer(root: Path, photos: Path, quantizer: dict) -> Path:
-    out = root / f"run-{quantizer['name']}"
-    cfg = {"name": "micro", "seed": 0, "model": {"config": MICRO_MODEL}, "quantizer": quantizer, "loss": {"l1": 1.0, "lpips": 0.0},
-           "optim": {"lr": 1e-3}, "train": {"steps": 2, "batch_size": 4, "log_every": 1, "output_dir": str(out)},
-           "data": {"root": str(photos), "size": 16, "resize": 32, "eval_fraction": 0.2}}
-    (root / f"{quantizer['name']}.yaml").write_text(yaml.safe_dump(cfg))
-    assert gq_main(["train", str(root / f"{quantizer['name']}.yaml"), "--quiet"]) == 0
-    return out / "final"
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +99,7 @@ def tokenizers(tmp_path_factory, photos):
     root = tmp_path_factory.mktemp("tok")
     out = {}
     for q in ({"name": "gq", "codebook_size": 256, "codebook_dim": 2}, {"name": "vq", "codebook_size": 64}):
-        model = _train_tokenizer(root, photos, q)
+        model = train_tokenizer(root / f"run-{q['name']}", photos, q)
         tok = root / f"tokens-{q['name']}"
         assert gq_main(["tokenize", str(model), str(photos), "--out", str(tok), "--size", str(SIZE), "--workers", "0", "--quiet"]) == 0
         held = root / f"held-{q['name']}"
@@ -145,7 +126,7 @@ def test_tokenizer_interface_matches_the_training_path(tokenizers, photos):
         assert torch.equal(gq.encode(x), gq.vae.encode_indices(x))
     vq = load_tokenizer(tokenizers["vq"]["model"])
     assert isinstance(vq, BaselineTokenizer) and vq.kind == "vq" and vq.groups == 1 and vq.codebook_size == 64
-    cfg = yaml.safe_load((tokenizers["vq"]["model"].parent / "config.yaml").read_text())
+    cfg = yaml.safe_load((tokenizers["vq"]["model"].resolve().parent / "config.yaml").read_text())
     cfg["model"]["pretrained"] = str(tokenizers["vq"]["model"] / "vae")
     _, wrapper = build_model(cfg)
     with torch.no_grad():
