@@ -229,3 +229,32 @@ def test_bad_input_gets_one_clear_line(tokenizers, tmp_path, capsys):
     _one_line_error(capsys, ["prior", "train", str(vq["tokens"]), "--out", str(run), *PRIOR, "model.dim=64", "train.steps=1"],
                     "holds a prior trained with other settings or tokens (config.model.dim)")
     _one_line_error(capsys, ["prior", "sample", str(tmp_path), "--n", "2", "--out", str(tmp_path / "s")], "is not a prior run folder")
+
+
+def test_two_processes_under_accelerate_launch_equal_one_process(tokenizers, tmp_path, capsys):
+    """Each rank takes its slice of the global batch and DDP averages the gradients: 2 ranks x 2
+    sequences train the same weights as 1 process x 4 sequences."""
+    import os
+    import subprocess
+    import sys
+
+    import socket
+
+    t = str(tokenizers["vq"]["tokens"])
+    common = [*PRIOR, "train.steps=3"]
+    with socket.socket() as sock:  # a free port: other test runs on this machine may hold accelerate's default 29500
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # no GPU: accelerate falls back to gloo on CPU
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu", "--main_process_port", str(port),
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gq_plugin.lab.cli", "prior", "train", t, "--out", str(tmp_path / "ddp"),
+           *common, "train.batch_size=2", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert gq_main(["prior", "train", t, "--out", str(tmp_path / "one"), *common, "train.batch_size=4", "--quiet"]) == 0
+    capsys.readouterr()
+    a = torch.load(tmp_path / "ddp" / "final" / "prior.pt", weights_only=True)
+    b = torch.load(tmp_path / "one" / "final" / "prior.pt", weights_only=True)
+    assert a["step"] == b["step"] == 3 and a["samples_seen"] == b["samples_seen"] == 12
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5), k
