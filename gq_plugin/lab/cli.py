@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     tk = sub.add_parser("tokenize", help="a whole dataset -> sharded token files + manifest (resumable, multi-process)",
                         description="Encode every image of SOURCE into bit-packed token shards DIR/shard-NNNNNN.gqt plus DIR/manifest.json. "
                                     "Re-running skips finished shards; under `accelerate launch` each rank writes its own shards.")
-    tk.add_argument("model", metavar="MODEL", help="GQ model dir (save_pretrained, or a checkpoint dir such as runs/demo/final)")
+    tk.add_argument("model", metavar="MODEL", help="GQ model dir (save_pretrained, or a checkpoint dir such as runs/demo/final), "
+                                                    "or a VQ/FSQ/LFQ/BSQ/TokenBridge checkpoint of `gq train`")
     tk.add_argument("source", metavar="SOURCE", nargs="+", help="image folder (searched recursively), or webdataset-style .tar shards / a glob of them")
     tk.add_argument("--out", required=True, help="output folder for shard-*.gqt and manifest.json")
     tk.add_argument("--size", type=int, default=256, help="resize (short side) + centre-crop side in pixels")
