@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("x_transformers")
@@ -16,8 +15,8 @@ from _tokenizers import small_photos, train_tokenizer  # noqa: E402
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "generation"
 sys.path.insert(0, str(BENCH))
 
-import report  # noqa: E402
-import run as gen  # noqa: E402
+import report_generation as report  # noqa: E402  (unique names: benchmarks/paper has run.py and report.py)
+import run_generation as gen  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Do GQ tokens generate better than VQ / FSQ tokens? (issue #27)
 
-    nice -n 19 python benchmarks/generation/run.py --tokenizers-root benchmarks/paper/from_pretrained/runs/tiny [--seeds 3]
+    nice -n 19 python benchmarks/generation/run_generation.py --tokenizers-root benchmarks/paper/from_pretrained/runs/tiny [--seeds 3]
 
 Tokenizers at equal bits come from the from-pretrained protocol (``benchmarks/paper/pretrained.py``:
 TDC+GQ, VQ, FSQ at 12 bits per token, fine-tuned from one pretrained VAE): every run folder under
@@ -256,7 +256,7 @@ def machine() -> str:
 
 
 def command() -> str:
-    return "python benchmarks/generation/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return "python benchmarks/generation/run_generation.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def estimate(s: dict, steps: int = 3) -> float:
@@ -304,7 +304,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     s = SCALES[args.scale]
     out = Path(args.out)
-    from report import write_report  # benchmarks/generation/report.py
+    from report_generation import write_report
 
     if args.estimate:
         estimate(s)
