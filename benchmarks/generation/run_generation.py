@@ -42,12 +42,12 @@ import torch  # noqa: E402
 
 SCALES = {
     # micro tokenizers of the test: seconds
-    "smoke": {"size": 16, "resize": 32, "train_crops": 2, "eval_crops": 1, "eval_fraction": 0.3,
+    "smoke": {"size": 16, "resize": 32, "train_crops": 2, "eval_crops": 1, "eval_images": None, "eval_fraction": 0.3,
               "prior": ["model.dim=32", "model.depth=1", "model.heads=2", "model.dim_head=16", "train.steps=3", "train.batch_size=4",
                         "train.log_every=1", "train.ckpt_every=0"]},
     # the from-pretrained protocol's tiny scale: 64 px crops (short side 128), f4 -> 16 x 16 tokens of 12 bits;
     # the prior: 4 layers of width 128, 800 steps of 16 sequences (sized for ~10 min on 2 free CPU cores)
-    "tiny": {"size": 64, "resize": 128, "train_crops": 8, "eval_crops": 4, "eval_fraction": 0.15,
+    "tiny": {"size": 64, "resize": 128, "train_crops": 8, "eval_crops": 4, "eval_images": 192, "eval_fraction": 0.15,
              "prior": ["model.dim=128", "model.depth=4", "model.heads=4", "model.dim_head=32", "train.steps=800", "train.batch_size=16",
                        "optim.lr=1e-3", "optim.warmup_steps=50", "train.log_every=25", "train.ckpt_every=100"]},
 }
@@ -117,7 +117,8 @@ def discover(root, methods, seed: int = 0, results_dir=None, lrs: dict | None = 
 
 def export_crops(work: Path, s: dict, data_root=None, quiet: bool = False) -> dict:
     """The protocol's crops as PNG folders ``work/data/{train,held}`` (written once): ``train_crops``
-    fixed random crops per train photo (seeded by crop number), the eval split's fixed crops."""
+    fixed random crops per train photo (seeded by crop number), the first ``eval_images`` of the eval
+    split's fixed crops (the protocol's held-out crops)."""
     from gq_plugin.lab.data import PhotoDataset
     from gq_plugin.lab.plots import save_image
 
@@ -131,7 +132,7 @@ def export_crops(work: Path, s: dict, data_root=None, quiet: bool = False) -> di
             d.mkdir(parents=True, exist_ok=True)
             n = 0
             if split == "eval":
-                for i in range(len(ds)):
+                for i in range(min(len(ds), s["eval_images"] or len(ds))):
                     save_image(ds[i], d / f"crop-{i:05d}.png")
                     n += 1
             else:
