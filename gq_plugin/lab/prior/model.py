@@ -23,13 +23,16 @@ def build_prior(layout: TokenLayout, model_cfg) -> torch.nn.Module:
     """``AutoregressiveWrapper(TransformerWrapper(Decoder(...)))`` over ``layout``'s sequences:
     ``K + 1`` input tokens (the codes and the BOS), ``K`` logits, ``1 + G*h*w`` positions."""
     xt = _x_transformers()
+    dim_head = int(model_cfg["dim_head"])
     net = xt.TransformerWrapper(
         num_tokens=layout.codebook_size + 1,
         logits_dim=layout.codebook_size,
         max_seq_len=layout.num_tokens + 1,
         use_abs_pos_emb=False,
         attn_layers=xt.Decoder(dim=int(model_cfg["dim"]), depth=int(model_cfg["depth"]), heads=int(model_cfg["heads"]),
-                               attn_dim_head=int(model_cfg["dim_head"]), rotary_pos_emb=True,
+                               attn_dim_head=dim_head, rotary_pos_emb=True,
+                               # x-transformers rotates dim_head // 2 dims by default and asks for >= 32 in language models
+                               rotary_emb_dim=min(dim_head, max(32, dim_head // 2)),
                                attn_dropout=float(model_cfg["dropout"]), ff_dropout=float(model_cfg["dropout"])),
     )
     return xt.AutoregressiveWrapper(net)
