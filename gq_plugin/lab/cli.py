@@ -9,6 +9,8 @@
     gq decode FILE.gqt --model DIR -o OUT.png  token file (or one shard of `gq tokenize`) -> images (videos: a PNG per frame)
     gq tokenize MODEL SOURCE... --out DIR      image folder / tar shards -> sharded token files + manifest
     gq import-authors CKPT --config YAML --out DIR   the paper authors' released tokenizer -> save_pretrained dir
+    gq prior train TOKENS --out RUN            autoregressive prior (x-transformers) over a token folder
+    gq prior sample RUN --n N --out DIR        prior samples decoded by the tokenizer -> PNGs + grid
     gq recipes                    list the bundled recipes
 """
 
@@ -187,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     tk = sub.add_parser("tokenize", help="a whole dataset -> sharded token files + manifest (resumable, multi-process)",
                         description="Encode every image of SOURCE into bit-packed token shards DIR/shard-NNNNNN.gqt plus DIR/manifest.json. "
                                     "Re-running skips finished shards; under `accelerate launch` each rank writes its own shards.")
-    tk.add_argument("model", metavar="MODEL", help="GQ model dir (save_pretrained, or a checkpoint dir such as runs/demo/final)")
+    tk.add_argument("model", metavar="MODEL", help="GQ model dir (save_pretrained, or a checkpoint dir such as runs/demo/final), "
+                                                    "or a VQ/FSQ/LFQ/BSQ/TokenBridge checkpoint of `gq train`")
     tk.add_argument("source", metavar="SOURCE", nargs="+", help="image folder (searched recursively), or webdataset-style .tar shards / a glob of them")
     tk.add_argument("--out", required=True, help="output folder for shard-*.gqt and manifest.json")
     tk.add_argument("--size", type=int, default=256, help="resize (short side) + centre-crop side in pixels")
@@ -200,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .import_authors import add_import_authors_command
 
     add_import_authors_command(sub)
+    from .prior.cli import add_prior_commands
+
+    add_prior_commands(sub.add_parser("prior", help="token prior: `gq prior train`, `gq prior sample`",
+                                      description="An autoregressive transformer prior over `gq tokenize` token files."))
 
     r = sub.add_parser("recipes", help="list bundled recipes")
     r.set_defaults(func=_cmd_recipes)

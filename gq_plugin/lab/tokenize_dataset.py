@@ -1,4 +1,8 @@
-"""``gq tokenize``: a whole image dataset -> sharded, bit-packed GQ token files + ``manifest.json``.
+"""``gq tokenize``: a whole image dataset -> sharded, bit-packed token files + ``manifest.json``.
+
+MODEL is any tokenizer the library trains (:mod:`gq_plugin.lab.tokenizer`): a GQ model, or a
+VQ / FSQ / LFQ / BSQ / TokenBridge baseline checkpoint of ``gq train`` (its codebook size in the
+manifest, ``codebook="learned"``); the token files have one format for all of them.
 
 What autoregressive training on GQ tokens (TokenBridge-style and others) needs first::
 
@@ -187,13 +191,12 @@ def _listing_digest(items: list[Item]) -> str:
     return h.hexdigest()[:16]
 
 
-def _plan(vae, mid: str, items: list[Item], size, shard_size: int, sources) -> dict:
-    q = vae.gq_quantizer
+def _plan(tok, model_dir, items: list[Item], size, shard_size: int, sources) -> dict:
     image_size = None if size is None else list(size) if isinstance(size, (tuple, list)) else [size, size]
     return {
         "format": FORMAT, "version": VERSION,
-        "model_id": mid, "fingerprint": q.fingerprint, "codebook_size": int(q.codebook_size), "codebook_dim": int(q.codebook_dim),
-        "grouping": q.grouping, "codebook": q.codebook_kind, "seed": int(q.seed),
+        "model_id": tok.model_id, **tok.describe(), "quantizer": tok.kind,
+        "model_dir": None if model_dir is None else str(Path(model_dir).resolve()),
         "image_size": image_size, "shard_size": shard_size, "num_images": len(items),
         "num_shards": (len(items) + shard_size - 1) // shard_size,
         "listing_sha256": _listing_digest(items), "sources": [str(s) for s in sources],
@@ -246,8 +249,7 @@ def tokenize(model_dir, sources, out_dir, size: int = 256, batch_size: int = 16,
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from .codec import load_model, model_id
-    from .models import downsampling_factor
+    from .tokenizer import load_tokenizer
 
     for name, v, lo in (("size", size, 1), ("batch_size", batch_size, 1), ("workers", workers, 0), ("shard_size", shard_size, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -259,16 +261,15 @@ def tokenize(model_dir, sources, out_dir, size: int = 256, batch_size: int = 16,
         raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
     device = torch.device(device) if device is not None else (d_device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
-    vae = load_model(model_dir, "MODEL")
-    f = downsampling_factor(vae)
+    tok = load_tokenizer(model_dir, "MODEL")
+    f = tok.factor
     if size % f:
         raise ValueError(f"size={size} must be a multiple of the model's downsampling factor {f}")
-    mid = model_id(model_dir, "MODEL")
     items = list_items(sources)
     if not items:
         raise ValueError("SOURCE holds no images")
     out = Path(out_dir)
-    plan = _plan(vae, mid, items, size, shard_size, sources if not isinstance(sources, (str, os.PathLike)) else [sources])
+    plan = _plan(tok, model_dir, items, size, shard_size, sources if not isinstance(sources, (str, os.PathLike)) else [sources])
     if (out / PLAN).is_file():
         _check_plan(json.loads((out / PLAN).read_text()), plan, out)
     barrier()  # every rank has compared against the old plan before rank 0 replaces it
@@ -282,8 +283,7 @@ def tokenize(model_dir, sources, out_dir, size: int = 256, batch_size: int = 16,
     todo = [s for s in mine if not (out / shard_name(s)).is_file()]
     ids = [i for s in todo for i in range(s * shard_size, min(n, (s + 1) * shard_size))]
 
-    vae.to(device)
-    q = vae.gq_quantizer
+    tok.to(device)
     loader = DataLoader(_ImageItems(items, ids, size, f), batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda")
     pbar = tqdm(total=len(ids), unit="img", desc=f"tokenize{f' rank {rank}/{world_size}' if world_size > 1 else ''}",
@@ -295,8 +295,8 @@ def tokenize(model_dir, sources, out_dir, size: int = 256, batch_size: int = 16,
     written, t0 = 0, time.time()
     with torch.inference_mode():
         for x, batch_ids in loader:
-            idx = vae.encode_indices(x.to(device, non_blocking=True)).cpu()
-            pending.append(idx.to(torch.int32) if q.codebook_size <= 2**31 else idx)
+            idx = tok.encode(x.to(device, non_blocking=True)).cpu()
+            pending.append(idx.to(torch.int32) if tok.codebook_size <= 2**31 else idx)
             pending_ids += batch_ids.tolist()
             pbar.update(len(batch_ids))
             while cur is not None:
@@ -305,7 +305,7 @@ def tokenize(model_dir, sources, out_dir, size: int = 256, batch_size: int = 16,
                     break
                 block = torch.cat(pending)
                 assert pending_ids[:count] == list(range(first, first + count))  # loader order = shard order
-                _write_shard(out, cur, block[:count], items[first : first + count], q, mid, (size, size), rank, first)
+                _write_shard(out, cur, block[:count], items[first : first + count], tok, (size, size), rank, first)
                 written += 1
                 pending, pending_ids = [block[count:]], pending_ids[count:]
                 pbar.set_postfix(shards=f"{written}/{len(todo)}")
@@ -321,10 +321,10 @@ def tokenize(model_dir, sources, out_dir, size: int = 256, batch_size: int = 16,
     return info
 
 
-def _write_shard(out: Path, s: int, indices: torch.Tensor, items: list[Item], q, mid: str, image_size, rank: int, first: int,
+def _write_shard(out: Path, s: int, indices: torch.Tensor, items: list[Item], tok, image_size, rank: int, first: int,
                  layout: str | None = None, extra: dict | None = None) -> None:
-    header = TokenHeader.for_quantizer(q, tuple(indices.shape), model_id=mid, image_size=image_size, layout=layout,
-                                       extra={**(extra or {}), "shard": s, "first": first, "rank": rank, "keys": [it.key for it in items]})
+    header = tok.header(tuple(indices.shape), image_size=image_size, layout=layout,
+                        extra={**(extra or {}), "shard": s, "first": first, "rank": rank, "keys": [it.key for it in items]})
     if len(header.to_json()) > MAX_HEADER_BYTES // 2:
         raise ValueError(f"shard {s}: its {len(items)} keys make the header too large; lower --shard-size")
     _write_atomic(out / shard_name(s), dumps(indices, header), f"r{rank}-{os.getpid()}")
@@ -364,16 +364,18 @@ def write_token_shards(out_dir, indices: torch.Tensor, vae, keys: list[str] | No
         raise ValueError(f"keys must be {n} distinct names (one per item), got {len(keys)} ({len(set(keys))} distinct)")
     items = [Item(k, "") for k in keys]
     out = Path(out_dir)
-    plan = _plan(vae, model_id, items, image_size, shard_size, [])
+    from .tokenizer import GQTokenizer
+
+    tok = GQTokenizer.from_vae(vae, model_id)
+    plan = _plan(tok, None, items, image_size, shard_size, [])
     if (out / PLAN).is_file():
         _check_plan(json.loads((out / PLAN).read_text()), plan, out)
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / PLAN, json.dumps(plan, indent=1).encode(), "plan")
-    q = vae.gq_quantizer
     for s in range(plan["num_shards"]):
         first = s * shard_size
         block = indices[first : first + shard_size].cpu()
-        _write_shard(out, s, block, items[first : first + shard_size], q, model_id, image_size, 0, first, layout, extra)
+        _write_shard(out, s, block, items[first : first + shard_size], tok, image_size, 0, first, layout, extra)
     return write_manifest(out)
 
 
@@ -415,7 +417,10 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def _load(self, s: int) -> tuple[torch.Tensor, list[str]]:
         sh = self.shards[s]
-        idx, h = load_tokens(self.root / sh["file"])
+        try:
+            idx, h = load_tokens(self.root / sh["file"])
+        except (ValueError, OSError) as e:  # name the shard: "checksum mismatch" alone does not say where
+            raise ValueError(f"shard {sh['file']}: {e}") from None
         mf = self.manifest
         bad = [f for f, v in (("fingerprint", h.fingerprint), ("codebook_size", h.codebook_size), ("codebook_dim", h.codebook_dim),
                               ("model_id", h.model_id)) if mf[f] != v]

@@ -9,7 +9,8 @@ the 2C of a posterior) and returns ``(z_q, indices, aux_loss)``:
 * ``aux_loss``: a scalar tensor (commitment / entropy loss; 0 where the method has none).
 
 Attributes: ``codebook_size`` (per index), ``bits_per_token`` (bits per latent position),
-``needs_posterior = False``. vector-quantize-pytorch is imported when a baseline is built.
+``needs_posterior = False``. ``decode_indices(indices) -> z_q`` inverts the lookup (the "indices in"
+half of a tokenizer: equal to the ``z_q`` of the forward pass that produced the indices, in eval). vector-quantize-pytorch is imported when a baseline is built.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ class BaselineQuantizer(nn.Module):
     codebook_size: int
     bits_per_token: float
 
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """``indices`` as returned by ``forward`` -> the quantized latent ``(B, C, H, W)``."""
+        raise NotImplementedError(f"{type(self).__name__} does not decode indices")
+
 
 class VQBaseline(BaselineQuantizer):
     """``VectorQuantize`` (EMA codebook, k-means init on the first batch)."""
@@ -74,6 +79,9 @@ class VQBaseline(BaselineQuantizer):
         z_q, idx, loss = self.q(z)
         return z_q, idx.long(), loss.reshape(())
 
+    def decode_indices(self, indices):
+        return self.q.get_output_from_indices(indices.long())
+
 
 class FSQBaseline(BaselineQuantizer):
     """``FSQ(levels)`` with projections from/to C channels."""
@@ -91,6 +99,9 @@ class FSQBaseline(BaselineQuantizer):
         _check_fmap(z, self.channels)
         z_q, idx = self.q(z)
         return z_q, idx.long(), torch.zeros((), device=z.device)
+
+    def decode_indices(self, indices):
+        return self.q.indices_to_codes(indices.long())
 
 
 class LFQBaseline(BaselineQuantizer):
@@ -113,6 +124,9 @@ class LFQBaseline(BaselineQuantizer):
         out = self.q(z)
         z_q, idx, aux = out[0], out[1], out[2]
         return z_q, idx.long(), torch.as_tensor(aux, device=z.device).reshape(())
+
+    def decode_indices(self, indices):
+        return self.q.indices_to_codes(indices.long())
 
 
 class TokenBridgeBaseline(BaselineQuantizer):
@@ -141,3 +155,5 @@ class TokenBridgeBaseline(BaselineQuantizer):
 
     def dequantize(self, indices):
         return self.q.dequantize(indices) / self.scale
+
+    decode_indices = dequantize
