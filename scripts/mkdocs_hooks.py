@@ -24,6 +24,7 @@ from mkdocs.structure.files import File
 
 INCLUDED = ("benchmarks",)  # repository folders served under the same path in the site
 SUFFIXES = (".md", ".png")
+FRAGMENTS = ("benchmarks/paper/from_pretrained/block.md",)  # spliced into paper/RESULTS.md, not a page
 TEST_FENCE = re.compile(r"^(\s*```+\s*(?:python|py|python3))(?:\s+(?:continuation|notest))+\s*$")
 LINK = re.compile(r"(\]\()([^)\s#]+)([^)]*\))")
 
@@ -55,8 +56,8 @@ def on_files(files, config):
     root = _repo_root(config)
     for folder in INCLUDED:
         for path in sorted((root / folder).rglob("*")):
-            if path.suffix in SUFFIXES and path.is_file():
-                uri = path.relative_to(root).as_posix()
+            uri = path.relative_to(root).as_posix()
+            if path.suffix in SUFFIXES and path.is_file() and uri not in FRAGMENTS:
                 files.append(File.generated(config, uri, abs_src_path=str(path)))
     return files
 
