@@ -14,7 +14,10 @@ $VPY -m pip install -q "torch==2.13.0"
 # --no-warn-conflicts: the packages below that are installed with --no-deps on purpose would make
 # every later install print pip's red "ERROR: ... requires torchvision"; `pip check` at the end
 # reports any other conflict.
-$VPY -m pip install -q --no-warn-conflicts -e ".[test,docs,diffusers,vq,metrics,kernels]" pyyaml scikit-image scikit-learn
+# (PYTHONWARNINGS: setuptools' "Editable installation ... be careful with folders ... same name as
+# your package" notice, which pip >= 25 relays on every editable install, says nothing to act on.)
+PYTHONWARNINGS="ignore:Editable installation" \
+  $VPY -m pip install -q --no-warn-conflicts -e ".[test,docs,diffusers,vq,metrics,kernels]" pyyaml scikit-image scikit-learn
 # Host libraries the adapter tests run against (real classes, CPU only, no torchvision):
 #   pytorch-lightning 1.9.5: the last Lightning that runs ldm's / taming's automatic two-optimizer
 #     training_step(batch, batch_idx, optimizer_idx) in its real Trainer (2.x refuses it); it still
