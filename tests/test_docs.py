@@ -40,13 +40,19 @@ def test_examples_run_and_at_most_a_quarter_are_not_run():
 
 
 def test_a_page_shares_one_namespace_in_order():
-    """A page's blocks after the first are ``continuation`` blocks (they see the names defined
-    above them, as in one interpreter session); a ``notest`` block never comes first."""
-    for page in PAGES:
-        run = [i.split() for i in _python_fences(page) if "notest" not in i.split()]
-        if run:
-            assert "continuation" not in run[0], page
-            assert all("continuation" in i for i in run[1:]), page
+    """The parser the doc tests use (conftest.py) makes every runnable block after a page's first
+    a ``continuation`` (it sees the names defined above it, as in one interpreter session)."""
+    spec = importlib.util.spec_from_file_location("gq_root_conftest", REPO / "conftest.py")
+    root_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(root_conftest)
+    md = root_conftest.pytest_markdown_docs_markdown_it()
+    page = "```python\na = 1\n```\n\n```python notest\nb\n```\n\n```python\nc = a\n```\n\n```bash\nls\n```\n"
+    infos = [t.info for t in md.parse(page) if t.type == "fence"]
+    assert infos == ["python", "python notest", "python continuation", "bash"]
+    for path in PAGES:
+        run = [t.info.split() for t in md.parse(path.read_text("utf8")) if t.type == "fence"
+               and t.info.split()[:1] == ["python"] and "notest" not in t.info.split()]
+        assert all("continuation" in i for i in run[1:]), path
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None
