@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _photos import photos_available
+from _photos import needs_photos
 
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 RUN = REPO / "benchmarks" / "paper" / "run.py"
 
 
-@pytest.mark.skipif(not photos_available(), reason="needs fetched photos: python -m gq_plugin.lab.data fetch --set small")
+@needs_photos
 def test_smoke_rows_end_to_end_and_resume(tmp_path):
     out = tmp_path / "paper"
     cmd = [sys.executable, str(RUN), "--scale", "smoke", "--only", "tdc+gq,fsq,tdc+gq-beta0", "--out", str(out), "--quiet"]

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _photos import photos_available
+from _photos import needs_photos
 
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
@@ -69,7 +69,7 @@ def test_chosen_lr_is_the_best_seed0_key_row_once_the_grid_is_complete(tmp_path)
     assert pretrained.chosen_lr(tmp_path, finetunes, rows, s) == best
 
 
-@pytest.mark.skipif(not photos_available(), reason="needs fetched photos: python -m gq_plugin.lab.data fetch --set small")
+@needs_photos
 def test_smoke_protocol_end_to_end_resume_and_budget(tmp_path):
     out = tmp_path / "fp"
     # a zero budget trains nothing and still writes the report with every row pending
@@ -108,7 +108,7 @@ def test_smoke_protocol_end_to_end_resume_and_budget(tmp_path):
     assert stamps() == before
 
 
-@pytest.mark.skipif(not photos_available(), reason="needs fetched photos")
+@needs_photos
 def test_estimate_projects_every_training():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--scale", "smoke", "--estimate", "--estimate-steps", "1"], check=False,
                           capture_output=True, text=True, timeout=600)

@@ -315,7 +315,8 @@ def test_settings_from_a_model_config_are_validated_on_load(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     for key, value, msg in (("beta", "1", "beta must be a finite number"), ("seed", 4.5, "seed must be an int >= 0"),
                             ("lam_max_range", [1, None], "lam_max_range must be"), ("bogus", 1, r"unknown GQ setting\(s\) \['bogus'\]")):
-        (tmp_path / "config.json").write_text(json.dumps({**cfg, "gq": {**cfg["gq"], key: value}}))
+        # check_finite back to true: only the bad value is under test (its warning is checked above)
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, "gq": {**cfg["gq"], "check_finite": True, key: value}}))
         with pytest.raises(ValueError, match=msg):
             load_pretrained_gq_vae(str(tmp_path))
 

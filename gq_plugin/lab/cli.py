@@ -11,7 +11,8 @@
     gq import-authors CKPT --config YAML --out DIR   the paper authors' released tokenizer -> save_pretrained dir
     gq prior train TOKENS --out RUN            autoregressive prior (x-transformers) over a token folder
     gq prior sample RUN --n N --out DIR        prior samples decoded by the tokenizer -> PNGs + grid
-    gq recipes                    list the bundled recipes
+    gq recipes [show NAME]        list the bundled recipes / print one resolved (the keys k=v can set)
+    gq --version                  the version; `gq` alone prints the help
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from .cli_help import GQArgumentParser, fill_descriptions, show_recipe, version_string
 
 
 def _cmd_train(args) -> int:
@@ -101,6 +104,9 @@ def _cmd_tokenize(args) -> int:
 def _cmd_recipes(args) -> int:
     from .config import list_recipes, recipes_dir
 
+    if getattr(args, "recipes_cmd", None) == "show":
+        print(show_recipe(args.name, args.overrides), end="")
+        return 0
     print(f"recipes in {recipes_dir()}:")
     for r in list_recipes():
         print(f"  {r}")
@@ -134,21 +140,31 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``gq`` argument parser (every option has a help text)."""
     from .data import add_data_commands
 
-    p = argparse.ArgumentParser(prog="gq", description="Gaussian Quant: Gaussian VAE -> VQ-VAE (arXiv 2512.06609)")
+    p = GQArgumentParser(prog="gq", description="Gaussian Quant: Gaussian VAE -> VQ-VAE (arXiv 2512.06609). "
+                                                "`gq COMMAND --help` for a command's options.")
+    p.add_argument("--version", action="version", version=version_string(), help="print the version and exit")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     quiet = {"action": "store_true", "help": "no progress bars"}
 
-    t = sub.add_parser("train", help="fine-tune with TDC (or a baseline quantizer) from a recipe")
+    overrides_help = "key=value overrides, e.g. train.steps=100 (the keys: `gq recipes show RECIPE`)"
+    t = sub.add_parser("train", help="fine-tune with TDC (or a baseline quantizer) from a recipe",
+                       description="Fine-tune the recipe's model with TDC (or train a baseline quantizer) under accelerate: "
+                                   "one CPU, one GPU, or DDP with `accelerate launch -m gq_plugin.lab.cli train ...`. Writes "
+                                   "train.output_dir/checkpoint-<step>/ (and final), metrics.jsonl, rates_hist.png.")
     t.add_argument("recipe", help="recipe YAML path or bundled name (see `gq recipes`)")
-    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
+    t.add_argument("overrides", nargs="*", help=overrides_help)
     t.add_argument("--resume", default=None, help="checkpoint dir, or 'latest' (the newest checkpoint-<step> in train.output_dir)")
     t.add_argument("--quiet", **quiet)
     t.set_defaults(func=_cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate continuous VAE vs GQ")
+    e = sub.add_parser("eval", help="evaluate continuous VAE vs GQ",
+                       description="Evaluate a checkpoint on the recipe's held-out crops as a continuous VAE (decode(mean)) "
+                                   "and as a GQ VQ-VAE (decode(z_hat)): PSNR, SSIM, LPIPS, FD/KID-EffNetLite0, codebook usage, "
+                                   "bpp and where the group rates lie against the TDC band. Prints the Markdown table; writes "
+                                   "eval.md, eval.json, recon_grid.png.")
     e.add_argument("recipe", help="recipe YAML path or bundled name the checkpoint was trained with")
     e.add_argument("ckpt", metavar="CKPT", help="checkpoint dir (e.g. runs/demo/final), its vae/, or a save_pretrained dir")
-    e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.max_images=32")
+    e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.max_images=32 (the keys: `gq recipes show RECIPE`)")
     e.add_argument("--out", default=None, help="output folder for eval.md, eval.json, recon_grid.png (default: <train.output_dir>/eval)")
     e.add_argument("--quiet", **quiet)
     e.set_defaults(func=_cmd_eval)
@@ -170,14 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(da)
     da.set_defaults(func=_cmd_data)
 
-    en = sub.add_parser("encode", help="images -> .gqt token file")
+    en = sub.add_parser("encode", help="images -> .gqt token file",
+                        description="Encode images with a GQ model into one bit-packed .gqt token file (header with the "
+                                    "codebook's settings and the model's hash, CRC-checked); prints the real and nominal bpp.")
     en.add_argument("images", nargs="+", help="image files (all end up the same size in one file)")
     en.add_argument("--model", required=True, help="GQ model dir (save_pretrained, or a checkpoint dir such as runs/demo/final)")
     en.add_argument("-o", "--output", required=True, help="token file to write (.gqt)")
     en.add_argument("--size", type=int, default=256, help="resize+centre-crop side (0: keep size, crop to a multiple of the factor)")
     en.set_defaults(func=_cmd_encode)
 
-    de = sub.add_parser("decode", help=".gqt token file (or a `gq tokenize` shard) -> PNG (video tokens: one PNG per frame)")
+    de = sub.add_parser("decode", help=".gqt token file (or a `gq tokenize` shard) -> PNG (video tokens: one PNG per frame)",
+                        description="Decode a .gqt token file (from `gq encode`, or a shard of `gq tokenize`) into PNG images "
+                                    "with the GQ model it was made with; a file made with another codebook is refused, one "
+                                    "made with other weights only with --force.")
     de.add_argument("tokens", help=".gqt file from `gq encode`, or a shard-*.gqt from `gq tokenize`")
     de.add_argument("--model", required=True, help="the GQ model dir the tokens were made with")
     de.add_argument("-o", "--output", required=True, help="PNG path; several images are written as <stem>_<i>.png")
@@ -208,7 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_prior_commands(sub.add_parser("prior", help="token prior: `gq prior train`, `gq prior sample`",
                                       description="An autoregressive transformer prior over `gq tokenize` token files."))
 
-    r = sub.add_parser("recipes", help="list bundled recipes")
+    r = sub.add_parser("recipes", help="list the bundled recipes, or print one resolved (`gq recipes show NAME`)",
+                       description="`gq recipes` (or `gq recipes list`) lists the bundled recipes; `gq recipes show NAME` "
+                                   "prints a recipe merged with the defaults: every key that `gq train` / `gq eval` take "
+                                   "as key=value.")
+    rsub = r.add_subparsers(dest="recipes_cmd", metavar="{list,show}")
+    rsub.add_parser("list", help="list the bundled recipes (the default)")
+    rs = rsub.add_parser("show", help="print a recipe resolved with the defaults (and overrides) as YAML")
+    rs.add_argument("name", metavar="NAME", help="bundled recipe name (e.g. tiny_cpu) or YAML path")
+    rs.add_argument("overrides", nargs="*", help="key=value overrides to apply before printing")
     r.set_defaults(func=_cmd_recipes)
 
     dm = sub.add_parser("demo", help="the main job: fetch photos, train tiny_cpu, evaluate",
@@ -221,11 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", default=None, help="output folder (default: runs/demo)")
     dm.add_argument("--quiet", **quiet)
     dm.set_defaults(func=_cmd_demo)
-    return p
+    return fill_descriptions(p)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # `gq` alone: the help, not an error
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except FloatingPointError as e:  # train.TrainingDiverged: non-finite weights, nothing saved
