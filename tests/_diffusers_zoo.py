@@ -183,6 +183,8 @@ def build(name: str, seed: int = 0):
     model = diffusers_class(name)(**spec.kwargs).eval()
     if spec.tiling:
         model.enable_tiling()
+    elif getattr(model, "use_tiling", False):  # tiling on by default (MiniMax-H3): encode_indices would warn that it
+        model.disable_tiling()                 # ignores it (tested in test_diffusers_gq_loading); off, as a user is told
     x = torch.rand(*spec.shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
     return model, x
 
