@@ -182,3 +182,47 @@ def test_campaign_with_two_pretrained_vaes_and_calibration(tmp_path):
     assert "## Pretrain seed 1, 3 steps: rows at the chosen LRs" in text and "campaign `c1`" in text
     assert "Calibration (band rule): GQ + calibration beats VQ on PSNR at equal total steps: **" in text
     assert not (out / "RESULTS.md").exists() and not (out / "results" / "vq@lr0.0001" / "seed1.json").exists()
+
+
+def test_headline_plan_spends_16_bits_on_every_quantized_row():
+    """--scale headline: f8, 16 latent channels, K = 2^16, m = 16 (0.25 bpp); VQ with its large-codebook options, SimVQ."""
+    pretrained, _ = _modules()
+    s = pretrained.SCALES["headline"]
+    finetunes, rows = pretrained.plan("headline")
+    assert len(s["model"]["block_out_channels"]) == 4 and s["model"]["latent_channels"] == 16
+    r = pretrained.rate_of(s)
+    assert (r["K"], r["m"], r["bpp"], r["tb_bits"]) == (2**16, 16, 0.25, 1)
+    bits = {}
+    for name, sp in rows.items():
+        if sp["kind"] == "gq":
+            bits[name] = (16 // sp["m"]) * math.log2(sp["K"])
+        elif sp["kind"] == "tokenbridge":
+            bits[name] = sp["bits"] * 16
+        elif sp["kind"] == "baseline":
+            q = finetunes[sp["train"]]
+            bits[name] = math.log2(math.prod(q["levels"])) if "levels" in q else math.log2(q["codebook_size"])
+    assert {"vq", "simvq", "fsq", "lfq", "bsq", "tdc+gq", "tdc+gq+cal", "tokenbridge-tdc"} <= set(bits)
+    assert all(b == 16.0 for n, b in bits.items() if n != "fsq") and 15.5 < bits["fsq"] <= 16  # [8,8,8,5,5,5] = 64,000 codes
+    vq = finetunes["vq"]
+    assert vq["lookup_dim"] == 8 and vq["use_cosine_sim"] and vq["rotation_trick"] and vq["kmeans_init"]
+    # dead-code threshold: half the expected hits per code per batch (8 crops x 8x8 tokens / 2^16 codes)
+    assert vq["threshold_ema_dead_code"] == pytest.approx(0.5 * 8 * 64 / 2**16)
+    assert pretrained.plan("tiny")[0]["vq"] == {"name": "vq", "codebook_size": 2**12}  # the committed tiny rows keep plain VQ
+
+
+@pytest.mark.skipif(not photos_available(), reason="needs fetched photos")
+def test_headline_smoke_end_to_end(tmp_path):
+    out = tmp_path / "hl"
+    cmd = [sys.executable, str(SCRIPT), "--scale", "smoke-headline", "--out", str(out), "--only", "pre+gq,tdc+gq,vq,simvq,fsq,tokenbridge-tdc",
+           "--quiet"]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for row in ("pre+gq", "tdc+gq@lr0.0001", "vq@lr0.0001", "simvq@lr0.0003", "fsq@lr0.0001", "tokenbridge-tdc@lr0.0003"):
+        d = json.loads((out / "results" / row / "seed0.json").read_text())
+        bpp = math.log2(8**3 * 5**3) / 64 if row.startswith("fsq") else 16 / 64  # FSQ [8,8,8,5,5,5]: 64,000 codes
+        assert d["bpp"] == pytest.approx(bpp) and math.isfinite(d["metrics"]["PSNR"]), row
+        if row.split("@")[0] in ("pre+gq", "tdc+gq", "vq", "simvq"):
+            assert d["codebook_size"] == 2**16, row
+    text = (out / "RESULTS.md").read_text()
+    assert "16 bits per token" in text and "SimVQ 2^16" in text and "over budget (R_g > 16.5)" in text
+    assert "Paper: GQ beats SIMVQ on PSNR: **" in text

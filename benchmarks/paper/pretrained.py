@@ -53,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run as bench  # noqa: E402  benchmarks/paper/run.py (puts this checkout's gq_plugin on sys.path)
-from report_pretrained import lr_tag, point_tag  # noqa: E402  (result-folder names, shared with the report)
+from report_pretrained import lr_tag, point_tag, rate_of  # noqa: E402  (result-folder names and bit budget, shared with the report)
 
 BITS = 12  # bits per token for every quantized row
 C = 6  # latent channels: 12 bits = GQ 2^12 x 1 group = VQ 2^12 = FSQ [8,8,8,8] = LFQ/BSQ 12 bits = TokenBridge 2 bits x 6 ch
@@ -68,7 +68,30 @@ SCALES = {
              "batch": 8, "pretrain_lr": 1e-3, "lrs": [1e-4, 3e-4], "lr": 1e-4, "lpips": 0.2, "eval_images": 192, "eval_crops": 4,
              "eval_batch": 32, "distribution": True, "seeds": 3, "ckpt_every": 300, "kl_weight": 1e-4, "lam_factor": 1.02,
              "entropy_frac": 0.25, "cal_steps": 200},
+    # the paper's headline setting (issue #26): f8, 16 latent channels, K = 2^16, m = 16 -> 16 bits per 8x8 pixels = 0.25 bpp,
+    # on a CPU-sized backbone (64x64 crops: 8x8 tokens); every baseline at 16 bits, VQ with its large-codebook options
+    "headline": {"model": bench._model([32, 32, 64, 64], 16, 1, 32, 64), "size": 64, "resize": 128, "pretrain_steps": 1500, "steps": 1200,
+                 "batch": 8, "pretrain_lr": 1e-3, "lrs": [1e-4, 3e-4], "lr": 1e-4, "lpips": 0.2, "eval_images": 192, "eval_crops": 4,
+                 "eval_batch": 32, "distribution": True, "seeds": 3, "ckpt_every": 300, "kl_weight": 1e-4, "lam_factor": 1.02,
+                 "entropy_frac": 0.25, "cal_steps": 200, "bits": 16, "m": 16, "fsq_levels": [8, 8, 8, 5, 5, 5], "vq_lookup_dim": 8},
+    # the headline setting on a micro model, for the test
+    "smoke-headline": {"model": bench._model([8, 8, 16, 16], 16, 1, 4, 32), "size": 32, "resize": 64, "pretrain_steps": 2, "steps": 3,
+                       "batch": 4, "pretrain_lr": 1e-3, "lrs": [1e-4, 3e-4], "lr": 1e-4, "lpips": 0.2, "eval_images": 16, "eval_crops": 1,
+                       "eval_batch": 16, "distribution": False, "seeds": 1, "ckpt_every": 0, "kl_weight": 1e-4, "lam_factor": 1.02,
+                       "entropy_frac": 0.25, "cal_steps": 1, "bits": 16, "m": 16, "fsq_levels": [8, 8, 8, 5, 5, 5], "vq_lookup_dim": 8},
 }
+
+
+def vq_large_codebook_options(s: dict) -> dict:
+    """vector-quantize-pytorch's options for a large codebook (issue #26): a low-dimensional cosine lookup with the
+    rotation trick, k-means init, and dead-code replacement whose threshold is half the expected hits per code per
+    batch (tokens per batch / K); ``{}`` where the scale sets no ``vq_lookup_dim`` (the committed tiny rows)."""
+    if not s.get("vq_lookup_dim"):
+        return {}
+    r = rate_of(s)
+    tokens = s["batch"] * (s["size"] * s["size"]) // r["ppt"]
+    return {"lookup_dim": int(s["vq_lookup_dim"]), "use_cosine_sim": True, "rotation_trick": True, "kmeans_init": True,
+            "threshold_ema_dead_code": 0.5 * tokens / r["K"]}
 
 
 def _scale_key(scale: str) -> str:
@@ -82,8 +105,9 @@ def plan(scale: str) -> tuple[dict, dict]:
     """``(finetunes, rows)``. finetunes: name -> quantizer section; rows: name -> eval spec
     (``train`` = a fine-tune name or ``"pretrain"``; ``key`` marks the row that selects the LR)."""
     s = SCALES[scale]
-    K = 2**BITS
-    gq = {"name": "gq", "codebook_size": K, "codebook_dim": C, "lam_factor": s["lam_factor"]}
+    r = rate_of(s)
+    K = r["K"]
+    gq = {"name": "gq", "codebook_size": K, "codebook_dim": r["m"], "lam_factor": s["lam_factor"]}
     ef = s["entropy_frac"]
     finetunes = {
         # the band rule with the hinge at log2 K, as its rows were measured (the library's default hinge
@@ -92,13 +116,15 @@ def plan(scale: str) -> tuple[dict, dict]:
         "tdc-ref": {**gq, "tdc_rule": "reference"},
         "vanilla-fixed": {"name": "kl", "weight": s["kl_weight"]},
         "vanilla-matched": {**gq, "tdc_rule": "reference", "lam_max_range": [1.0, 1.0], "lam_min_range": [1.0, 1.0]},
-        "vq": {"name": "vq", "codebook_size": K},
-        "fsq": {"name": "fsq", "levels": [8, 8, 8, 8]},
+        "vq": {"name": "vq", "codebook_size": K, **vq_large_codebook_options(s)},
+        "fsq": {"name": "fsq", "levels": r["levels"]},
         "lfq": {"name": "lfq", "codebook_size": K, "entropy_frac": ef},
         "bsq": {"name": "bsq", "codebook_size": K, "entropy_frac": ef},
     }
-    conv = {"kind": "gq", "K": K, "m": C, "beta": 1.0}
-    tb = {"kind": "tokenbridge", "bits": BITS // C}
+    if "vq_lookup_dim" in s:  # large codebooks: SimVQ as a second learned-VQ baseline
+        finetunes["simvq"] = {"name": "simvq", "codebook_size": K}
+    conv = {"kind": "gq", "K": K, "m": r["m"], "beta": 1.0}
+    tb = {"kind": "tokenbridge", "bits": r["tb_bits"]}
     rows = {
         "pre": {"train": "pretrain", "kind": "continuous", "label": "pretrained Gaussian VAE, continuous"},
         "pre+gq": {"train": "pretrain", **conv, "label": "(a) pretrained VAE + GQ, no fine-tuning"},
@@ -108,8 +134,8 @@ def plan(scale: str) -> tuple[dict, dict]:
                      ("vanilla-fixed", "vanilla (fixed KL weight)"), ("vanilla-matched", "vanilla (rate-matched)")):
         rows[t] = {"train": t, "kind": "continuous", "label": f"{label} fine-tune, continuous"}
         rows[f"{t}+gq"] = {"train": t, **conv, "key": True, "label": f"{label} fine-tune + GQ"}
-    for b in ("vq", "fsq", "lfq", "bsq"):
-        rows[b] = {"train": b, "kind": "baseline", "key": True, "label": f"(c) {b.upper()} fine-tune"}
+    for b in [q for q in ("vq", "simvq", "fsq", "lfq", "bsq") if q in finetunes]:
+        rows[b] = {"train": b, "kind": "baseline", "key": True, "label": f"(c) {'SimVQ' if b == 'simvq' else b.upper()} fine-tune"}
     rows["tokenbridge-tdc"] = {"train": "tdc", **tb, "label": "(d) TokenBridge on the TDC fine-tune"}
     rows["tokenbridge-vanilla-fixed"] = {"train": "vanilla-fixed", **tb, "label": "(d) TokenBridge on the vanilla (fixed KL) fine-tune"}
     # decoder calibration at equal total steps (issue #26): TDC for steps - cal_steps, then the decoder alone

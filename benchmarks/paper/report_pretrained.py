@@ -20,6 +20,16 @@ def point_tag(ps: int, steps: int, default_steps: int) -> str:
     return (f"@ps{ps}" if ps else "") + (f"@steps{steps}" if steps != default_steps else "")
 
 
+def rate_of(s: dict) -> dict:
+    """The scale's bit budget: ``bits`` per token, latent channels ``C``, GQ group size ``m``, ``K = 2^(bits m / C)``,
+    FSQ ``levels``, TokenBridge ``tb_bits`` per channel, pixels per token ``ppt`` and ``bpp`` (default: 12 bits, m = C = 6)."""
+    c = s["model"]["latent_channels"]
+    bits, m = s.get("bits", 12), s.get("m", c)
+    ppt = 4 ** (len(s["model"]["block_out_channels"]) - 1)
+    return {"bits": bits, "C": c, "m": m, "K": 2 ** (bits * m // c), "levels": s.get("fsq_levels", [8, 8, 8, 8]), "tb_bits": bits // c,
+            "ppt": ppt, "bpp": bits / ppt}
+
+
 def load(out: Path, row: str, lr, seeds: int, tag: str = "") -> list[dict]:
     d = out / "results" / ((row if lr is None else f"{row}@{lr_tag(lr)}") + tag)
     return [json.loads((d / f"seed{s}.json").read_text()) for s in range(seeds) if (d / f"seed{s}.json").is_file()]
@@ -45,7 +55,7 @@ CLAIMS = [("Paper: ~5 dB from vanilla + GQ to TDC + GQ (vanilla = fixed KL weigh
           ("Paper: TDC improves TokenBridge by 3.4 dB (TDC VAE vs vanilla VAE)", "tokenbridge-tdc", "tokenbridge-vanilla-fixed", "PSNR", True),
           ("TokenBridge on the TDC fine-tune vs on the pretrained VAE", "tokenbridge-tdc", "tokenbridge-pre", "PSNR", True),
           ("Band rule vs the authors' rule, both + GQ", "tdc+gq", "tdc-ref+gq", "PSNR", True)]
-for _b in ("vq", "fsq", "lfq", "bsq"):
+for _b in ("vq", "simvq", "fsq", "lfq", "bsq"):
     CLAIMS += [(f"Paper: GQ beats {_b.upper()} on PSNR", "tdc+gq", _b, "PSNR", True),
                (f"Paper: GQ beats {_b.upper()} on LPIPS", "tdc+gq", _b, "LPIPS-alex", False)]
 for _t, _name in (("tdc", "band rule"), ("tdc-ref", "authors' rule")):  # issue #26: decoder calibration at equal total steps
@@ -55,8 +65,11 @@ for _t, _name in (("tdc", "band rule"), ("tdc-ref", "authors' rule")):  # issue 
 
 
 def _verdicts(res: dict) -> list[str]:
+    """The claims whose two rows this scale has (``res``: row -> result files at the chosen LR)."""
     out = []
     for claim, a, b, key, hb in CLAIMS:
+        if a not in res or b not in res:
+            continue
         c = compare(a, b, res, key, hb)
         if c is None:
             out.append(f"* {claim}: *pending* (`{a}` or `{b}` has no result at its chosen LR yet).")
@@ -76,7 +89,8 @@ def write_section(out: Path, scale: str, rows: dict, finetunes: dict, s: dict, s
     scale's steps); ``campaign``: the campaign's name (its LRs come from the default campaign's grid)."""
     out = Path(out)
     points = points or [(0, s["steps"])]
-    head = "| row | " + " | ".join(c for _, c, _ in COLS) + " | over budget (R_g > 12.5) | bpp | train time | seeds |"
+    rt = rate_of(s)
+    head = "| row | " + " | ".join(c for _, c, _ in COLS) + f" | over budget (R_g > {rt['bits'] * rt['m'] // rt['C'] + 0.5:g}) | bpp | train time | seeds |"
     sep = "|" + "---|" * (len(COLS) + 5)
     title = f"# From-pretrained protocol — scale `{scale}`" + (f", campaign `{campaign}`" if campaign else "") + " (issues #13, #26)"
     L = [title, "",
@@ -87,9 +101,11 @@ def write_section(out: Path, scale: str, rows: dict, finetunes: dict, s: dict, s
          f"{s['kl_weight']:g} (per bit, against a per-image summed L1 + {s['lpips']:g} LPIPS loss), {s['pretrain_steps']} steps at LR "
          f"{s['pretrain_lr']:g}; each is shared by every row of its pretrain seed.",
          f"* Fine-tuning: {s['steps']} steps for every method (unless a section says otherwise), batch {s['batch']}, LR grid {s['lrs']}: "
-         "every LR on seed 0, then each method's best seed-0 LR (PSNR of its own quantized row) on the other seeds. Equal bits: 12 bits "
-         "per token for every quantized row (GQ K = 2^12, m = 6; VQ 2^12; FSQ [8, 8, 8, 8]; LFQ / BSQ 12 bits; TokenBridge 2 bits x 6 "
-         f"channels) = {12 / 4 ** (len(s['model']['block_out_channels']) - 1):g} bpp.",
+         "every LR on seed 0, then each method's best seed-0 LR (PSNR of its own quantized row) on the other seeds. Equal bits: "
+         f"{rt['bits']} bits per token for every quantized row (GQ K = 2^{rt['bits'] * rt['m'] // rt['C']}, m = {rt['m']}; VQ "
+         f"2^{rt['bits']}{' and SimVQ 2^' + str(rt['bits']) if 'simvq' in finetunes else ''}; FSQ {rt['levels']}; LFQ / BSQ "
+         f"{rt['bits']} bits; TokenBridge {rt['tb_bits']} bits x {rt['C']} channels) = {rt['bpp']:g} bpp."
+         + (f" VQ's large-codebook options: {finetunes['vq']}." if "lookup_dim" in finetunes["vq"] else ""),
          "* `vanilla-fixed` = the paper's vanilla (the pretraining's fixed KL weight, no rate matching); `vanilla-matched` = only "
          "TDC's global multiplier (a KL weight steered to a mean rate of log2 K). `tdc` = TDC with the band rule, its hinge at log2 K "
          "(`tdc_hinge: 0`, the default when these rows were measured; today's default is log2 K + alpha/2), `tdc-ref` = the authors' rule.",

@@ -75,23 +75,18 @@ class VQBaseline(BaselineQuantizer):
         return z_q, idx.long(), loss.reshape(())
 
 
-class SimVQBaseline(BaselineQuantizer):
+class SimVQBaseline(VQBaseline):
     """``SimVQ`` (Zhu et al. 2024): a frozen random codebook through a learned linear map (no EMA, no
-    dead codes by construction), rotation trick on; a second learned-VQ baseline for large codebooks."""
+    dead codes by construction), rotation trick on; a second learned-VQ baseline for large codebooks.
+    Same calling convention as :class:`VQBaseline` (its ``forward``)."""
 
     name = "simvq"
 
     def __init__(self, channels: int, codebook_size: int, rotation_trick: bool = True, commitment_weight: float = 1.0, **kwargs) -> None:
-        super().__init__(channels)
+        BaselineQuantizer.__init__(self, channels)
         self.q = _vqp().SimVQ(dim=channels, codebook_size=codebook_size, channel_first=True, rotation_trick=rotation_trick,
                               commitment_weight=commitment_weight, **kwargs)
-        self.codebook_size = codebook_size
-        self.bits_per_token = math.log2(codebook_size)
-
-    def forward(self, z):
-        _check_fmap(z, self.channels)
-        z_q, idx, loss = self.q(z)
-        return z_q, idx.long(), loss.reshape(())
+        self.codebook_size, self.bits_per_token = codebook_size, math.log2(codebook_size)
 
 
 class FSQBaseline(BaselineQuantizer):
