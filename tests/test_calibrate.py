@@ -131,3 +131,13 @@ def test_bad_runs_are_refused(run, tmp_path, capsys):
     (vq / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(ValueError, match="trained with quantizer 'vq': calibration needs a GQ model"):
         calibrate(vq, tmp_path / "o")
+
+
+def test_cli_takes_key_values_after_options_and_refuses_other_extras(tmp_path, capsys):
+    # key=value after --out joins the overrides (a bad one is then named by the settings check)
+    assert gq_main(["calibrate", str(tmp_path), "--out", str(tmp_path / "o"), "stepz=3"]) == 2
+    assert "unknown calibration setting 'stepz'" in capsys.readouterr().err
+    for argv in (["calibrate", str(tmp_path), "--out", str(tmp_path / "o"), "--bogus"], ["recipes", "a=b"]):
+        with pytest.raises(SystemExit) as e:
+            gq_main(argv)
+        assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
