@@ -67,6 +67,16 @@ a lift that pushes under-budget rates up into the band, at K = 2^10; the default
 continuous PSNR grows +0.44 dB per bit of mean rate but the GQ conversion loss grows too
 (+0.28 dB per bit), so GQ PSNR barely follows the rate a rule lets the model spend (+0.16 dB per bit).
 
+``tdc_spend=True`` (band rule only; issue #26, **not measured yet**): the ``lam`` term charges only the
+rate above the target, ``lam * v_g * max(R_g - T, 0)``, instead of the whole ``R_g``. Why: a
+fine-tune from a pretrained VAE starts far above T (about 40 bits per group at the tiny
+from-pretrained scale); while the mean is above T, ``lam`` grows and its pull lowers *every* group,
+also those already under T, which then stay under: the band rule spends 9.4-10.2 of 12 bits on
+held-out photos. With ``tdc_spend`` a group under T feels no rate pull at all (only the
+reconstruction loss), so the distribution narrows onto T from above instead of spreading below
+it. The over-budget hinge and the controllers are unchanged. Whether it pays (GQ PSNR / LPIPS,
+paired by seed, <= 5 % of groups over T + alpha) is to be measured before it can become a default.
+
 Both rules: the multipliers are buffers (saved in checkpoints, restored on resume), ``lam_max``
 can decay again (the authors' pre-2026 code only ratcheted it up), the statistics are
 all-reduced across ranks under ``torch.distributed`` so every rank holds the same multipliers,
@@ -124,6 +134,9 @@ class TDCSettings:
             ``T``: 0.5 (default) at ``T + alpha/2``, 0 at ``T`` (the paper's lossless budget; the
             default before 2026-12); in [0, 1) (at 1 it would coincide with the edge that defines
             "over budget"); see the module docstring.
+        tdc_spend: band rule: the ``lam`` term charges only the rate above ``T`` (groups under the
+            target feel no rate pull), so the rates narrow onto ``T`` from above; False (default) charges
+            the whole rate. Not measured yet (issue #26); see the module docstring.
 
     Serialise with :meth:`as_dict` (JSON-able); rebuild with :meth:`from_dict`, which names an
     unknown key or a bad value in a ``ValueError``. To add a setting, add a field here (with its
@@ -139,6 +152,7 @@ class TDCSettings:
     tdc_rule: str = "band"
     tdc_quantile: float = 0.99
     tdc_hinge: float = 0.5
+    tdc_spend: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise in place once
@@ -146,6 +160,10 @@ class TDCSettings:
             raise ValueError(f"tdc_rule must be one of {RULES}, got {self.tdc_rule!r}")
         set_(self, "tdc_quantile", _in_unit_interval("tdc_quantile", self.tdc_quantile, 0.5))
         set_(self, "tdc_hinge", _in_unit_interval("tdc_hinge", self.tdc_hinge, 0.0, " (a fraction of the tolerance alpha above log2 K)"))
+        if not isinstance(self.tdc_spend, bool):
+            raise ValueError(f"tdc_spend must be True or False, got {self.tdc_spend!r}")
+        if self.tdc_spend and self.tdc_rule != "band":
+            raise ValueError(f"tdc_spend is a setting of tdc_rule='band', got tdc_rule={self.tdc_rule!r}")
         default_max, default_min = _DEFAULT_RANGES[self.tdc_rule]  # None: the rule's default clamps
         if self.lam_max_range is None:
             set_(self, "lam_max_range", default_max)
@@ -298,11 +316,12 @@ class TargetDivergenceConstraint(nn.Module):
         """The loss for each sample: (B, ...) bits -> (B,).
 
         reference: ``lam * sum(w * R)``; band: ``sum(lam * w * R + lam_max * max(R - hinge_bits, 0))``
-        (``hinge_bits = T + tdc_hinge * alpha``)."""
+        (``hinge_bits = T + tdc_hinge * alpha``; with ``tdc_spend`` the first term charges ``max(R - T, 0)``)."""
         if rates.ndim < 1 or rates.shape[0] == 0:
             raise ValueError(f"rates must be (B, ...) with B > 0, got shape {tuple(rates.shape)}")
         w = self.weights(rates)
-        per_sample = (w * rates).flatten(1).sum(1) if rates.ndim > 1 else w * rates
+        charged = (rates - self.target_bits).clamp_min(0) if self.settings.tdc_spend else rates
+        per_sample = (w * charged).flatten(1).sum(1) if rates.ndim > 1 else w * charged
         # clone: step() updates the buffers in place, which must not touch the autograd graph
         per_sample = self.lam_global.clone().to(rates.dtype) * per_sample
         if self.rule == "band":

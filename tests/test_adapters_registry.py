@@ -15,6 +15,7 @@ pytest.importorskip("vector_quantize_pytorch")
 CASES = {
     "gq": (dict(bits_per_token=8, codebook_dim=4), (2, 8, 8, 2), 8),  # core layout (B, H, W, G)
     "vq": (dict(bits_per_token=8), (2, 8, 8), 8),
+    "simvq": (dict(bits_per_token=8), (2, 8, 8), 8),
     "fsq": (dict(bits_per_token=8), (2, 8, 8), None),  # [8, 6, 5] = 240 codes ~ 7.9 bits
     "lfq": (dict(bits_per_token=8), (2, 8, 8), 8),
     "bsq": (dict(codebook_size=2**8), (2, 8, 8), 8),
@@ -23,7 +24,7 @@ CASES = {
 
 
 def test_all_names_covered():
-    assert sorted(CASES) == available_quantizers() == ["bsq", "fsq", "gq", "lfq", "tokenbridge", "vq"]
+    assert sorted(CASES) == available_quantizers() == ["bsq", "fsq", "gq", "lfq", "simvq", "tokenbridge", "vq"]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -49,15 +50,26 @@ def test_build_and_forward(name):
 
 
 def test_matched_16_bits():
-    for name in ("gq", "vq", "fsq", "lfq", "bsq"):
+    for name in ("gq", "vq", "simvq", "fsq", "lfq", "bsq"):
         q = build_quantizer(name, 16, bits_per_token=16, **({"kmeans_init": False} if name == "vq" else {}))
         assert 15.9 < q.bits_per_token <= 16.0, name
     assert build_quantizer("fsq", 16, 16).levels == [8, 8, 8, 5, 5, 5]
     assert build_quantizer("tokenbridge", 16, bits_per_token=96).bits_per_token == 96
 
 
+def test_vq_large_codebook_options_reach_vector_quantize():
+    """The headline scale's VQ: a low-dimensional cosine lookup with the rotation trick and dead-code replacement."""
+    q = build_quantizer("vq", 16, codebook_size=2**10, lookup_dim=8, use_cosine_sim=True, rotation_trick=True,
+                        threshold_ema_dead_code=2, kmeans_init=False)
+    vq = q.q
+    assert vq.has_projections and vq.project_in.out_features == 8 and tuple(vq.codebook.shape) == (2**10, 8)
+    assert vq.use_cosine_sim and vq.rotation_trick and vq._codebook.threshold_ema_dead_code == 2
+    z_q, idx, _ = q(torch.randn(2, 16, 4, 4))
+    assert z_q.shape == (2, 16, 4, 4) and idx.shape == (2, 4, 4)
+
+
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match=r"valid names: \['bsq', 'fsq', 'gq', 'lfq', 'tokenbridge', 'vq'\]"):
+    with pytest.raises(ValueError, match=r"valid names: \['bsq', 'fsq', 'gq', 'lfq', 'simvq', 'tokenbridge', 'vq'\]"):
         build_quantizer("rvq", 8)
     with pytest.raises(ValueError, match="must divide"):
         build_quantizer("gq", 8, 16, codebook_dim=3)

@@ -48,9 +48,34 @@ def test_plan_spends_equal_bits_on_every_quantized_row():
     assert finetunes["vanilla-fixed"] == {"name": "kl", "weight": pretrained.SCALES["tiny"]["kl_weight"]}
     assert finetunes["vanilla-matched"]["lam_max_range"] == [1.0, 1.0] and finetunes["tdc"]["tdc_rule"] == "band"
     assert finetunes["tdc"]["tdc_hinge"] == 0.0  # pinned: the rows were measured with the hinge at log2 K
-    # every fine-tune has exactly one row that selects its LR
+    # every fine-tune has exactly one row that selects its LR, or takes another fine-tune's (calibration)
     for t in finetunes:
-        assert sum(1 for sp in rows.values() if sp["train"] == t and sp.get("key")) == 1, t
+        n_key = sum(1 for sp in rows.values() if sp["train"] == t and sp.get("key"))
+        assert n_key == (0 if "lr_of" in finetunes[t] else 1), t
+    # calibration at equal total steps: TDC for steps - cal_steps, then cal_steps decoder steps on the GQ codewords
+    cal = pretrained.SCALES["tiny"]["cal_steps"]
+    assert cal == 200
+    for t in ("tdc", "tdc-ref"):
+        assert finetunes[f"{t}-precal"] == {**finetunes[t], "lr_of": t, "steps_less": cal}
+        assert finetunes[f"{t}+cal"] == {"calibrate": f"{t}-precal", "cal_steps": cal, "lr_of": t}
+        assert pretrained.quantizer_of(finetunes, f"{t}+cal") == finetunes[t]
+        assert rows[f"{t}+gq+cal"]["train"] == f"{t}+cal" and rows[f"{t}+gq-precal"]["train"] == f"{t}-precal"
+        assert bits[f"{t}+gq+cal"] == 12.0
+
+
+def test_axes_name_runs_and_results_and_keep_the_old_names(tmp_path):
+    pretrained, report_pretrained = _modules()
+    assert pretrained.point_tag(0, 1200, 1200) == "" and pretrained.point_tag(1, 4800, 1200) == "@ps1@steps4800"
+    assert pretrained.result_path(tmp_path, "vq", 1e-4, 2) == tmp_path / "results" / "vq@lr0.0001" / "seed2.json"  # the committed files
+    assert pretrained.result_path(tmp_path, "pre", None, 0, "@ps1") == tmp_path / "results" / "pre@ps1" / "seed0.json"
+    args = type("A", (), {"out": str(tmp_path), "scale": "tiny"})()
+    assert pretrained.run_dir(args, "pretrain", 0, 1e-3, 0, 1200).name == "pretrain"  # the layout other tools read
+    assert pretrained.run_dir(args, "pretrain", 0, 1e-3, 2, 1200).name == "pretrain-ps2"
+    assert pretrained.run_dir(args, "tdc+cal", 1, 3e-4, 0, 1200).name == "tdc+cal-lr0.0003-seed1"
+    assert pretrained.run_dir(args, "vq", 0, 1e-4, 1, 4800).name == "vq-lr0.0001-seed0-ps1-steps4800"
+    for bad in (["--pretrain-seeds", "a"], ["--steps", "100"], ["--campaign", "../x"]):
+        with pytest.raises(SystemExit):
+            pretrained.main(["--scale", "tiny", "--report-only", "--out", str(tmp_path), *bad])
 
 
 def test_chosen_lr_is_the_best_seed0_key_row_once_the_grid_is_complete(tmp_path):
@@ -64,9 +89,14 @@ def test_chosen_lr_is_the_best_seed0_key_row_once_the_grid_is_complete(tmp_path)
     p = pretrained.result_path(tmp_path, "vq", s["lrs"][0], 0)
     p.parent.mkdir(parents=True)
     p.write_text(json.dumps({"metrics": {"PSNR": 30.0}}))
-    best = report_pretrained.chosen(tmp_path, rows, finetunes, s)
+    best = pretrained.chosen_lr(tmp_path, finetunes, rows, s)
     assert best["fsq"] == s["lrs"][1] and best["vq"] is None and best["tdc"] is None
-    assert pretrained.chosen_lr(tmp_path, finetunes, rows, s) == best
+    for lr, psnr in zip(s["lrs"], (22.0, 21.0)):
+        p = pretrained.result_path(tmp_path, "tdc+gq", lr, 0)
+        p.parent.mkdir(parents=True)
+        p.write_text(json.dumps({"metrics": {"PSNR": psnr}}))
+    best = pretrained.chosen_lr(tmp_path, finetunes, rows, s)
+    assert best["tdc"] == best["tdc-precal"] == best["tdc+cal"] == s["lrs"][0] and best["tdc-ref+cal"] is None
 
 
 @needs_photos
@@ -118,3 +148,81 @@ def test_estimate_projects_every_training():
         assert any(ln.split()[0] == name for ln in lines if ln.strip()), name
     assert "x 4 steps x 1 run(s)" in proc.stdout and "x 3 steps x 2 run(s)" in proc.stdout  # smoke: 1 seed, LR grid of 2
     assert "training total (uncontended projection from CPU time / threads)" in proc.stdout
+
+
+@pytest.mark.skipif(not photos_available(), reason="needs fetched photos")
+def test_campaign_with_two_pretrained_vaes_and_calibration(tmp_path):
+    """A campaign: LRs from the default campaign's grid, one VAE per pretrain seed, calibrated TDC vs VQ at equal total steps."""
+    pretrained, _ = _modules()
+    out = tmp_path / "fp"
+    s = pretrained.SCALES["smoke"]
+    for row, psnrs in (("tdc+gq", (20.0, 21.0)), ("vq", (22.0, 19.0))):  # the default campaign's seed-0 grid picks tdc 3e-4, vq 1e-4
+        for lr, v in zip(s["lrs"], psnrs):
+            p = pretrained.result_path(out, row, lr, 0)
+            p.parent.mkdir(parents=True)
+            p.write_text(json.dumps({"metrics": {"PSNR": v}}))
+    cmd = [sys.executable, str(SCRIPT), "--scale", "smoke", "--out", str(out), "--campaign", "c1", "--pretrain-seeds", "0,1",
+           "--only", "pre,tdc+gq-precal,tdc+gq+cal,vq", "--quiet"]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = out / "runs" / "smoke"
+    pre = {ps: json.loads((runs / d / "train.json").read_text()) for ps, d in ((0, "pretrain"), (1, "pretrain-ps1"))}
+    assert pre[1]["pretrain_seed"] == 1 and pre[0]["checkpoint"] != pre[1]["checkpoint"]
+    for ps, suffix in ((0, ""), (1, "-ps1")):
+        precal = json.loads((runs / f"tdc-precal-lr0.0003-seed0{suffix}" / "train.json").read_text())
+        cal = json.loads((runs / f"tdc+cal-lr0.0003-seed0{suffix}" / "train.json").read_text())
+        assert precal["steps"] == s["steps"] - s["cal_steps"] and precal["pretrained"] == str(Path(pre[ps]["checkpoint"]) / "vae")
+        assert cal["steps"] == s["steps"] and cal["calibration_steps"] == 1 and cal["calibrated"] == precal["checkpoint"]
+        tag = "@ps1" if ps else ""
+        res = json.loads((out / "campaigns" / "c1" / "results" / f"tdc+gq+cal@lr0.0003{tag}" / "seed0.json").read_text())
+        assert (res["pretrain_seed"], res["steps"], res["calibration_steps"], res["campaign"]) == (ps, s["steps"], 1, "c1")
+        vq = json.loads((out / "campaigns" / "c1" / "results" / f"vq@lr0.0001{tag}" / "seed0.json").read_text())
+        assert (vq["pretrain_seed"], vq["steps"]) == (ps, s["steps"]) and math.isfinite(vq["metrics"]["PSNR"])
+    text = (out / "campaigns" / "c1" / "RESULTS.md").read_text()
+    assert "## Pretrain seed 1, 3 steps: rows at the chosen LRs" in text and "campaign `c1`" in text
+    assert "Calibration (band rule): GQ + calibration beats VQ on PSNR at equal total steps: **" in text
+    assert not (out / "RESULTS.md").exists() and not (out / "results" / "vq@lr0.0001" / "seed1.json").exists()
+
+
+def test_headline_plan_spends_16_bits_on_every_quantized_row():
+    """--scale headline: f8, 16 latent channels, K = 2^16, m = 16 (0.25 bpp); VQ with its large-codebook options, SimVQ."""
+    pretrained, _ = _modules()
+    s = pretrained.SCALES["headline"]
+    finetunes, rows = pretrained.plan("headline")
+    assert len(s["model"]["block_out_channels"]) == 4 and s["model"]["latent_channels"] == 16
+    r = pretrained.rate_of(s)
+    assert (r["K"], r["m"], r["bpp"], r["tb_bits"]) == (2**16, 16, 0.25, 1)
+    bits = {}
+    for name, sp in rows.items():
+        if sp["kind"] == "gq":
+            bits[name] = (16 // sp["m"]) * math.log2(sp["K"])
+        elif sp["kind"] == "tokenbridge":
+            bits[name] = sp["bits"] * 16
+        elif sp["kind"] == "baseline":
+            q = finetunes[sp["train"]]
+            bits[name] = math.log2(math.prod(q["levels"])) if "levels" in q else math.log2(q["codebook_size"])
+    assert {"vq", "simvq", "fsq", "lfq", "bsq", "tdc+gq", "tdc+gq+cal", "tokenbridge-tdc"} <= set(bits)
+    assert all(b == 16.0 for n, b in bits.items() if n != "fsq") and 15.5 < bits["fsq"] <= 16  # [8,8,8,5,5,5] = 64,000 codes
+    vq = finetunes["vq"]
+    assert vq["lookup_dim"] == 8 and vq["use_cosine_sim"] and vq["rotation_trick"] and vq["kmeans_init"]
+    # dead-code threshold: half the expected hits per code per batch (8 crops x 8x8 tokens / 2^16 codes)
+    assert vq["threshold_ema_dead_code"] == pytest.approx(0.5 * 8 * 64 / 2**16)
+    assert pretrained.plan("tiny")[0]["vq"] == {"name": "vq", "codebook_size": 2**12}  # the committed tiny rows keep plain VQ
+
+
+@pytest.mark.skipif(not photos_available(), reason="needs fetched photos")
+def test_headline_smoke_end_to_end(tmp_path):
+    out = tmp_path / "hl"
+    cmd = [sys.executable, str(SCRIPT), "--scale", "smoke-headline", "--out", str(out), "--only", "pre+gq,tdc+gq,vq,simvq,fsq,tokenbridge-tdc",
+           "--quiet"]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for row in ("pre+gq", "tdc+gq@lr0.0001", "vq@lr0.0001", "simvq@lr0.0003", "fsq@lr0.0001", "tokenbridge-tdc@lr0.0003"):
+        d = json.loads((out / "results" / row / "seed0.json").read_text())
+        bpp = math.log2(8**3 * 5**3) / 64 if row.startswith("fsq") else 16 / 64  # FSQ [8,8,8,5,5,5]: 64,000 codes
+        assert d["bpp"] == pytest.approx(bpp) and math.isfinite(d["metrics"]["PSNR"]), row
+        if row.split("@")[0] in ("pre+gq", "tdc+gq", "vq", "simvq"):
+            assert d["codebook_size"] == 2**16, row
+    text = (out / "RESULTS.md").read_text()
+    assert "16 bits per token" in text and "SimVQ 2^16" in text and "over budget (R_g > 16.5)" in text
+    assert "Paper: GQ beats SIMVQ on PSNR: **" in text

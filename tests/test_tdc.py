@@ -95,6 +95,30 @@ def test_band_hinge_offset_moves_where_the_hinge_charges():
     torch.testing.assert_close(ref.loss(rates.detach()), plain.loss(rates.detach()))
 
 
+def test_band_spend_charges_only_the_rate_above_the_target():
+    """tdc_spend: the lam term charges max(R - T, 0): a group under T feels no rate pull; the hinge is unchanged."""
+    kw = dict(target_bits=4.0, tolerance=0.5, tdc_hinge=0.5, auto_step=False)
+    tdc, plain = TargetDivergenceConstraint(**kw, tdc_spend=True), TargetDivergenceConstraint(**kw)
+    assert not plain.settings.tdc_spend  # the default charges the whole rate
+    for t in (tdc, plain):
+        t.lam_global.fill_(2.0)
+        t.lam_max.fill_(10.0)
+        t.lam_min.fill_(0.5)
+    rates = torch.tensor([[5.0, 4.2, 3.9, 3.0]], requires_grad=True)  # 3.0: under budget (v = lam_min)
+    loss = tdc.loss(rates)
+    assert loss.item() == pytest.approx(2.0 * (1.0 + 0.2 + 0.0 + 0.0) + 10.0 * 0.75)
+    loss.backward()
+    torch.testing.assert_close(rates.grad, torch.tensor([[12.0, 2.0, 0.0, 0.0]]))
+    r2 = rates.detach().clone().requires_grad_(True)
+    plain.loss(r2).backward()
+    torch.testing.assert_close(r2.grad, torch.tensor([[12.0, 2.0, 2.0, 1.0]]))  # the default pulls every group down
+    assert TDCSettings.from_dict(tdc.settings.as_dict()).tdc_spend is True
+    for bad, msg in ((dict(tdc_spend=True, rule="reference"), "tdc_spend is a setting of tdc_rule='band'"),
+                     (dict(tdc_spend="yes"), "tdc_spend must be True or False")):
+        with pytest.raises(ValueError, match=msg):
+            TargetDivergenceConstraint(target_bits=4.0, **bad)
+
+
 def test_band_update_follows_shares_not_extremes():
     tdc = TargetDivergenceConstraint(target_bits=4.0, tolerance=0.5, eps=0.01, auto_step=False, quantile=0.9)
     up = 1.01

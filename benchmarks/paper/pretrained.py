@@ -1,6 +1,7 @@
 """The from-pretrained protocol (issue #13): start from one pretrained Gaussian VAE, as users do.
 
     python benchmarks/paper/pretrained.py --scale tiny [--seeds 3] [--only ROWS] [--budget-min 100] [--estimate]
+        [--pretrain-seeds 0,1] [--steps 1200,4800] [--campaign NAME]
 
 1. **Pretrain** one Gaussian VAE with a fixed KL weight (a plain VAE; `kl_weight` of the scale), seed 0,
    saved once under ``<out>/runs/<scale>/pretrain/`` and shared by every row and seed.
@@ -19,8 +20,22 @@ LR selection: every method runs every LR of the grid on seed 0; the LR with the 
 the method's own quantized row is then used for the other seeds (disclosed in RESULTS.md; the
 same rule for every method). Verdicts are paired by seed over the seeds run at the chosen LRs.
 
+4. **Calibrate** (issue #26): ``tdc+cal`` / ``tdc-ref+cal`` fine-tune with TDC for ``steps - cal_steps``
+   steps (the ``…-precal`` fine-tunes), then train the decoder alone on the GQ codewords for
+   ``cal_steps`` steps (``gq calibrate``), so ``tdc+gq+cal`` spends the same total steps as ``vq``.
+
+Axes (issue #26): ``--pretrain-seeds 0,1`` pretrains one VAE per seed (``runs/<scale>/pretrain`` for
+seed 0, ``pretrain-ps<p>`` otherwise) and fine-tunes each of them; ``--steps 1200,4800`` trains every
+method for each length. Pairs are formed within one (pretrain seed, steps) point. Every result file
+records ``pretrain_seed`` and ``steps`` (total optimizer steps, calibration included).
+``--campaign NAME`` keeps a measurement campaign apart (``<out>/campaigns/NAME/results`` and its own
+``RESULTS.md``; the trainings stay under ``<out>/runs``): a VAE pretrained on another machine differs,
+so its rows pair only with rows of the same campaign. A campaign takes each method's LR from the
+default campaign's LR grid (``<out>/results``) instead of rerunning the grid.
+
 Resumable: trainings keep checkpoints and a ``train.json`` when finished; every evaluated (row, LR,
-seed) writes ``<out>/results/<row>@lr<lr>/seed<k>.json`` right away; a rerun skips what exists.
+seed) writes ``<results>/<row>@lr<lr>[@ps<p>][@steps<n>]/seed<k>.json`` right away (the suffixes only
+off pretrain seed 0 and the scale's default steps); a rerun skips what exists.
 ``--budget-min`` stops starting new trainings after that many minutes (chunks well under 2 h).
 The report (``RESULTS.md`` section in ``<out>/RESULTS.md``) lists every row, measured or pending.
 """
@@ -38,6 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run as bench  # noqa: E402  benchmarks/paper/run.py (puts this checkout's gq_plugin on sys.path)
+from report_pretrained import lr_tag, point_tag, rate_of  # noqa: E402  (result-folder names and bit budget, shared with the report)
 
 BITS = 12  # bits per token for every quantized row
 C = 6  # latent channels: 12 bits = GQ 2^12 x 1 group = VQ 2^12 = FSQ [8,8,8,8] = LFQ/BSQ 12 bits = TokenBridge 2 bits x 6 ch
@@ -46,13 +62,36 @@ SCALES = {
     # micro model for the test: seconds
     "smoke": {"model": bench._model([8, 8, 16], C, 1, 4, 32), "size": 32, "resize": 64, "pretrain_steps": 4, "steps": 3, "batch": 4,
               "pretrain_lr": 1e-3, "lrs": [1e-4, 3e-4], "lr": 1e-4, "lpips": 0.2, "eval_images": 16, "eval_crops": 1, "eval_batch": 16,
-              "distribution": False, "seeds": 1, "ckpt_every": 0, "kl_weight": 1e-4, "lam_factor": 1.02, "entropy_frac": 0.25},
+              "distribution": False, "seeds": 1, "ckpt_every": 0, "kl_weight": 1e-4, "lam_factor": 1.02, "entropy_frac": 0.25, "cal_steps": 1},
     # tiny_cpu-like backbone with 6 latent channels: 64x64 crops, 2 CPU cores
     "tiny": {"model": bench._model([32, 32, 64], C, 1, 32, 64), "size": 64, "resize": 128, "pretrain_steps": 1500, "steps": 1200,
              "batch": 8, "pretrain_lr": 1e-3, "lrs": [1e-4, 3e-4], "lr": 1e-4, "lpips": 0.2, "eval_images": 192, "eval_crops": 4,
              "eval_batch": 32, "distribution": True, "seeds": 3, "ckpt_every": 300, "kl_weight": 1e-4, "lam_factor": 1.02,
-             "entropy_frac": 0.25},
+             "entropy_frac": 0.25, "cal_steps": 200},
+    # the paper's headline setting (issue #26): f8, 16 latent channels, K = 2^16, m = 16 -> 16 bits per 8x8 pixels = 0.25 bpp,
+    # on a CPU-sized backbone (64x64 crops: 8x8 tokens); every baseline at 16 bits, VQ with its large-codebook options
+    "headline": {"model": bench._model([32, 32, 64, 64], 16, 1, 32, 64), "size": 64, "resize": 128, "pretrain_steps": 1500, "steps": 1200,
+                 "batch": 8, "pretrain_lr": 1e-3, "lrs": [1e-4, 3e-4], "lr": 1e-4, "lpips": 0.2, "eval_images": 192, "eval_crops": 4,
+                 "eval_batch": 32, "distribution": True, "seeds": 3, "ckpt_every": 300, "kl_weight": 1e-4, "lam_factor": 1.02,
+                 "entropy_frac": 0.25, "cal_steps": 200, "bits": 16, "m": 16, "fsq_levels": [8, 8, 8, 5, 5, 5], "vq_lookup_dim": 8},
+    # the headline setting on a micro model, for the test
+    "smoke-headline": {"model": bench._model([8, 8, 16, 16], 16, 1, 4, 32), "size": 32, "resize": 64, "pretrain_steps": 2, "steps": 3,
+                       "batch": 4, "pretrain_lr": 1e-3, "lrs": [1e-4, 3e-4], "lr": 1e-4, "lpips": 0.2, "eval_images": 16, "eval_crops": 1,
+                       "eval_batch": 16, "distribution": False, "seeds": 1, "ckpt_every": 0, "kl_weight": 1e-4, "lam_factor": 1.02,
+                       "entropy_frac": 0.25, "cal_steps": 1, "bits": 16, "m": 16, "fsq_levels": [8, 8, 8, 5, 5, 5], "vq_lookup_dim": 8},
 }
+
+
+def vq_large_codebook_options(s: dict) -> dict:
+    """vector-quantize-pytorch's options for a large codebook (issue #26): a low-dimensional cosine lookup with the
+    rotation trick, k-means init, and dead-code replacement whose threshold is half the expected hits per code per
+    batch (tokens per batch / K); ``{}`` where the scale sets no ``vq_lookup_dim`` (the committed tiny rows)."""
+    if not s.get("vq_lookup_dim"):
+        return {}
+    r = rate_of(s)
+    tokens = s["batch"] * (s["size"] * s["size"]) // r["ppt"]
+    return {"lookup_dim": int(s["vq_lookup_dim"]), "use_cosine_sim": True, "rotation_trick": True, "kmeans_init": True,
+            "threshold_ema_dead_code": 0.5 * tokens / r["K"]}
 
 
 def _scale_key(scale: str) -> str:
@@ -66,8 +105,9 @@ def plan(scale: str) -> tuple[dict, dict]:
     """``(finetunes, rows)``. finetunes: name -> quantizer section; rows: name -> eval spec
     (``train`` = a fine-tune name or ``"pretrain"``; ``key`` marks the row that selects the LR)."""
     s = SCALES[scale]
-    K = 2**BITS
-    gq = {"name": "gq", "codebook_size": K, "codebook_dim": C, "lam_factor": s["lam_factor"]}
+    r = rate_of(s)
+    K = r["K"]
+    gq = {"name": "gq", "codebook_size": K, "codebook_dim": r["m"], "lam_factor": s["lam_factor"]}
     ef = s["entropy_frac"]
     finetunes = {
         # the band rule with the hinge at log2 K, as its rows were measured (the library's default hinge
@@ -76,13 +116,15 @@ def plan(scale: str) -> tuple[dict, dict]:
         "tdc-ref": {**gq, "tdc_rule": "reference"},
         "vanilla-fixed": {"name": "kl", "weight": s["kl_weight"]},
         "vanilla-matched": {**gq, "tdc_rule": "reference", "lam_max_range": [1.0, 1.0], "lam_min_range": [1.0, 1.0]},
-        "vq": {"name": "vq", "codebook_size": K},
-        "fsq": {"name": "fsq", "levels": [8, 8, 8, 8]},
+        "vq": {"name": "vq", "codebook_size": K, **vq_large_codebook_options(s)},
+        "fsq": {"name": "fsq", "levels": r["levels"]},
         "lfq": {"name": "lfq", "codebook_size": K, "entropy_frac": ef},
         "bsq": {"name": "bsq", "codebook_size": K, "entropy_frac": ef},
     }
-    conv = {"kind": "gq", "K": K, "m": C, "beta": 1.0}
-    tb = {"kind": "tokenbridge", "bits": BITS // C}
+    if "vq_lookup_dim" in s:  # large codebooks: SimVQ as a second learned-VQ baseline
+        finetunes["simvq"] = {"name": "simvq", "codebook_size": K}
+    conv = {"kind": "gq", "K": K, "m": r["m"], "beta": 1.0}
+    tb = {"kind": "tokenbridge", "bits": r["tb_bits"]}
     rows = {
         "pre": {"train": "pretrain", "kind": "continuous", "label": "pretrained Gaussian VAE, continuous"},
         "pre+gq": {"train": "pretrain", **conv, "label": "(a) pretrained VAE + GQ, no fine-tuning"},
@@ -92,15 +134,35 @@ def plan(scale: str) -> tuple[dict, dict]:
                      ("vanilla-fixed", "vanilla (fixed KL weight)"), ("vanilla-matched", "vanilla (rate-matched)")):
         rows[t] = {"train": t, "kind": "continuous", "label": f"{label} fine-tune, continuous"}
         rows[f"{t}+gq"] = {"train": t, **conv, "key": True, "label": f"{label} fine-tune + GQ"}
-    for b in ("vq", "fsq", "lfq", "bsq"):
-        rows[b] = {"train": b, "kind": "baseline", "key": True, "label": f"(c) {b.upper()} fine-tune"}
+    for b in [q for q in ("vq", "simvq", "fsq", "lfq", "bsq") if q in finetunes]:
+        rows[b] = {"train": b, "kind": "baseline", "key": True, "label": f"(c) {'SimVQ' if b == 'simvq' else b.upper()} fine-tune"}
     rows["tokenbridge-tdc"] = {"train": "tdc", **tb, "label": "(d) TokenBridge on the TDC fine-tune"}
     rows["tokenbridge-vanilla-fixed"] = {"train": "vanilla-fixed", **tb, "label": "(d) TokenBridge on the vanilla (fixed KL) fine-tune"}
+    # decoder calibration at equal total steps (issue #26): TDC for steps - cal_steps, then the decoder alone
+    # on the GQ codewords for cal_steps; both at the LR chosen for the TDC fine-tune (no grid of their own)
+    cal = s["cal_steps"]
+    for t, label in (("tdc", "(b) TDC (band rule)"), ("tdc-ref", "(b) TDC (authors' rule)")):
+        finetunes[f"{t}-precal"] = {**finetunes[t], "lr_of": t, "steps_less": cal}
+        finetunes[f"{t}+cal"] = {"calibrate": f"{t}-precal", "cal_steps": cal, "lr_of": t}
+        rows[f"{t}+gq-precal"] = {"train": f"{t}-precal", **conv, "label": f"{label} fine-tune, steps - {cal}, + GQ (before calibration)"}
+        rows[f"{t}+gq+cal"] = {"train": f"{t}+cal", **conv, "label": f"{label} fine-tune, steps - {cal}, + GQ + {cal} calibration steps"}
     return finetunes, rows
 
 
-def lr_tag(lr: float) -> str:
-    return f"lr{lr:g}"
+PROTOCOL_KEYS = ("lr_of", "steps_less", "calibrate", "cal_steps")  # fine-tune spec keys that are not quantizer settings
+
+
+def quantizer_of(finetunes: dict, t: str) -> dict:
+    """The quantizer section of fine-tune ``t`` (a calibration's: that of the fine-tune it calibrates)."""
+    spec = finetunes[t]
+    if "calibrate" in spec:
+        return quantizer_of(finetunes, spec["calibrate"])
+    return {k: v for k, v in spec.items() if k not in PROTOCOL_KEYS}
+
+
+def lr_owner(finetunes: dict, t: str) -> str:
+    """The fine-tune whose chosen LR ``t`` uses (itself unless it has ``lr_of``)."""
+    return finetunes[t].get("lr_of", t)
 
 
 def _recipe(key: str, qcfg: dict, seed: int, out_dir: Path, data_root, lr: float, steps: int, pretrained: str | None) -> dict:
@@ -112,43 +174,79 @@ def _recipe(key: str, qcfg: dict, seed: int, out_dir: Path, data_root, lr: float
     return cfg
 
 
-def ensure_trained(args, name: str, qcfg: dict, seed: int, lr: float, log) -> dict:
-    """Train (resume, or skip) one run; ``name == "pretrain"`` is the shared pretrained VAE."""
+def run_dir(args, name: str, seed: int, lr: float, ps: int, steps: int) -> Path:
+    """``<out>/runs/<scale>/pretrain[-ps<p>]`` or ``<out>/runs/<scale>/<name>-lr<lr>-seed<k>[-ps<p>][-steps<n>]``."""
+    root = Path(args.out) / "runs" / args.scale
+    if name == "pretrain":
+        return root / ("pretrain" if ps == 0 else f"pretrain-ps{ps}")
+    return root / (f"{name}-{lr_tag(lr)}-seed{seed}" + point_tag(ps, steps, SCALES[args.scale]["steps"]).replace("@", "-"))
+
+
+def ensure_trained(args, name: str, finetunes: dict | None, seed: int, lr: float, log, ps: int = 0, steps: int | None = None) -> dict:
+    """Train (resume, or skip) one run; ``name == "pretrain"`` is the pretrained VAE of pretrain seed ``ps``.
+    ``steps`` is the run's total length (the scale's by default); a ``…-precal`` fine-tune trains
+    ``steps - cal_steps`` of it, a ``…+cal`` one calibrates that run's decoder for the rest."""
     from gq_plugin.lab.train import latest_checkpoint, train
 
     s = SCALES[args.scale]
-    root = Path(args.out) / "runs" / args.scale
+    steps = s["steps"] if steps is None else int(steps)
     pre = name == "pretrain"
-    run_dir = root / ("pretrain" if pre else f"{name}-{lr_tag(lr)}-seed{seed}")
-    done = run_dir / "train.json"
+    rd = run_dir(args, name, seed, lr, ps, steps)
+    done = rd / "train.json"
     if done.is_file():
         return json.loads(done.read_text())
     if args.deadline is not None and time.time() > args.deadline:
         raise TimeoutError(name)
-    pretrained = None if pre else str(Path(ensure_trained(args, "pretrain", None, 0, s["pretrain_lr"], log)["checkpoint"]) / "vae")
-    if pre:
-        qcfg = {"name": "kl", "weight": s["kl_weight"]}
-    cfg = bench._load_config(_recipe(args.key, qcfg, 0 if pre else seed, run_dir, args.data_root, lr,
-                                     s["pretrain_steps"] if pre else s["steps"], pretrained))
-    resume = "latest" if latest_checkpoint(run_dir) is not None else None
-    prev = json.loads((run_dir / "train_time_partial.json").read_text())["train_time_s"] if resume and (run_dir / "train_time_partial.json").is_file() else 0.0
-    log(f"train {run_dir.name} ({'resume' if resume else 'start'}, {cfg.train.steps} steps, lr {lr:g})")
-    res = bench._train_with_time_log(train, cfg, resume, run_dir, prev, args)
-    info = {"train": name, "seed": seed, "steps": int(cfg.train.steps), "lr": lr, "batch_size": int(cfg.train.batch_size),
+    spec = {} if pre else finetunes[name]
+    if "calibrate" in spec:
+        return _ensure_calibrated(args, name, finetunes, seed, lr, log, ps, steps, rd)
+    pretrained = None if pre else str(Path(ensure_trained(args, "pretrain", None, ps, s["pretrain_lr"], log, ps)["checkpoint"]) / "vae")
+    qcfg = {"name": "kl", "weight": s["kl_weight"]} if pre else quantizer_of(finetunes, name)
+    n = s["pretrain_steps"] if pre else steps - int(spec.get("steps_less", 0))
+    cfg = bench._load_config(_recipe(args.key, qcfg, ps if pre else seed, rd, args.data_root, lr, n, pretrained))
+    resume = "latest" if latest_checkpoint(rd) is not None else None
+    prev = json.loads((rd / "train_time_partial.json").read_text())["train_time_s"] if resume and (rd / "train_time_partial.json").is_file() else 0.0
+    log(f"train {rd.name} ({'resume' if resume else 'start'}, {cfg.train.steps} steps, lr {lr:g})")
+    res = bench._train_with_time_log(train, cfg, resume, rd, prev, args)
+    info = {"train": name, "seed": seed, "pretrain_seed": ps, "steps": int(cfg.train.steps), "lr": lr, "batch_size": int(cfg.train.batch_size),
             "train_time_s": prev + float(res["train_time_s"]), "checkpoint": res["checkpoint"], "quantizer": qcfg, "pretrained": pretrained,
             "final_log": {k: v for k, v in res.items() if isinstance(v, (int, float))}}
     done.write_text(json.dumps(info, indent=2))
     return info
 
 
-def result_path(out: Path, row: str, lr: float | None, seed: int) -> Path:
-    return out / "results" / (row if lr is None else f"{row}@{lr_tag(lr)}") / f"seed{seed}.json"
+def _ensure_calibrated(args, name: str, finetunes: dict, seed: int, lr: float, log, ps: int, steps: int, rd: Path) -> dict:
+    """``gq calibrate`` of the base fine-tune's run for ``cal_steps`` steps at ``lr`` (resumable)."""
+    from gq_plugin.lab.calibrate import calibrate
+    from gq_plugin.lab.train import latest_checkpoint
+
+    spec = finetunes[name]
+    base = ensure_trained(args, spec["calibrate"], finetunes, seed, lr, log, ps, steps)
+    cal = int(spec["cal_steps"])
+    resume = "latest" if latest_checkpoint(rd) is not None else None
+    log(f"calibrate {rd.name} ({'resume' if resume else 'start'}, {cal} decoder steps on GQ codewords, lr {lr:g})")
+    t0 = time.time()
+    res = calibrate(Path(base["checkpoint"]), rd, [f"steps={cal}", f"lr={lr}", f"seed={seed}", f"ckpt_every={max(1, min(50, cal))}"],
+                    resume=resume, progress=not args.quiet)
+    info = {**base, "train": name, "steps": base["steps"] + cal, "calibration_steps": cal, "calibrated": base["checkpoint"],
+            "train_time_s": base["train_time_s"] + time.time() - t0, "checkpoint": res["checkpoint"],
+            "final_log": {k: v for k, v in res.items() if isinstance(v, (int, float))}}
+    (rd / "train.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def result_path(out: Path, row: str, lr: float | None, seed: int, tag: str = "") -> Path:
+    """``<out>/results/<row>[@lr<lr>]<tag>/seed<k>.json`` (``tag``: :func:`point_tag`; ``out``: the campaign's folder)."""
+    return out / "results" / ((row if lr is None else f"{row}@{lr_tag(lr)}") + tag) / f"seed{seed}.json"
 
 
 def chosen_lr(out: Path, finetunes: dict, rows: dict, s: dict) -> dict[str, float | None]:
-    """Per fine-tune: the LR whose seed-0 key row has the best PSNR (None until every LR has a result)."""
+    """Per fine-tune: the LR whose seed-0 key row has the best PSNR (None until every LR has a result);
+    a fine-tune with ``lr_of`` takes that fine-tune's."""
     out_lr = {}
     for t in finetunes:
+        if "lr_of" in finetunes[t]:
+            continue
         key = next(r for r, sp in rows.items() if sp["train"] == t and sp.get("key"))
         vals = {}
         for lr in s["lrs"]:
@@ -157,7 +255,7 @@ def chosen_lr(out: Path, finetunes: dict, rows: dict, s: dict) -> dict[str, floa
                 vals[lr] = json.loads(p.read_text())["metrics"].get("PSNR")
         ok = {lr: v for lr, v in vals.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         out_lr[t] = max(ok, key=ok.get) if len(vals) == len(s["lrs"]) and ok else None
-    return out_lr
+    return {t: out_lr[lr_owner(finetunes, t)] for t in finetunes}
 
 
 def _band(me, spec: dict) -> dict | None:
@@ -172,23 +270,41 @@ def _band(me, spec: dict) -> dict | None:
     return band_statistics(r, math.log2(int(spec["K"])), 0.5).to_json()
 
 
-def evaluate_rows(args, names: list[str], rows: dict, qcfg: dict | None, tinfo: dict, lr: float | None, seed: int, log) -> None:
-    todo = [r for r in names if not result_path(Path(args.out), r, lr, seed).is_file()]
+def evaluate_rows(args, names: list[str], rows: dict, qcfg: dict | None, tinfo: dict, lr: float | None, seed: int, log, ps: int = 0,
+                  steps: int | None = None) -> None:
+    """Score ``names`` on the model of ``tinfo``; one result file per row (pretrain seed ``ps``, total ``steps``)."""
+    res_dir = Path(args.results)
+    default = SCALES[args.scale]["steps"]
+    tag = point_tag(ps, default if steps is None else int(steps), default)
+    todo = [r for r in names if not result_path(res_dir, r, lr, seed, tag).is_file()]
     if not todo:
         return
     me = bench.ModelEval(args.key, qcfg or {"name": "kl", "weight": SCALES[args.scale]["kl_weight"]}, tinfo["checkpoint"], seed, args.data_root)
     for r in todo:
-        log(f"eval {r} {'' if lr is None else lr_tag(lr)} seed {seed}")
+        log(f"eval {r} {'' if lr is None else lr_tag(lr)}{tag} seed {seed}")
         res = me.score(rows[r])
         band = _band(me, rows[r])
         if band is not None:
             res["band"] = band
         res.update({"row": r, "seed": seed, "lr": lr, "scale": args.scale, "protocol": "from-pretrained", "label": rows[r]["label"],
-                    "train": rows[r]["train"], "train_time_s": tinfo["train_time_s"], "steps": tinfo["steps"], "spec": rows[r],
-                    "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "command": _command()})
-        p = result_path(Path(args.out), r, lr, seed)
+                    "train": rows[r]["train"], "train_time_s": tinfo["train_time_s"], "steps": tinfo["steps"], "pretrain_seed": ps,
+                    "campaign": args.campaign, "calibration_steps": tinfo.get("calibration_steps", 0), "spec": rows[r],
+                    "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "command": _command(), "machine": bench.machine()})
+        p = result_path(res_dir, r, lr, seed, tag)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(res, indent=2, default=float))
+
+
+def _ints(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        vals = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"{what}: expected comma-separated whole numbers, got {text!r}") from None
+    if not vals or min(vals) < 0:
+        raise SystemExit(f"{what}: expected comma-separated whole numbers >= 0, got {text!r}")
+    return vals
 
 
 def run(args) -> int:
@@ -201,31 +317,43 @@ def run(args) -> int:
     out = Path(args.out)
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[from-pretrained {time.strftime('%H:%M:%S')}] {msg}", flush=True))
     args.deadline = time.time() + 60 * args.budget_min if args.budget_min is not None else None
+    points = [(ps, n) for ps in args.pretrain_seeds for n in args.steps]
+    by_train = {t: [r for r in selected if rows[r]["train"] == t] for t in finetunes}
     try:
         pre_rows = [r for r in selected if rows[r]["train"] == "pretrain"]
-        if pre_rows:  # one pretrained model, seed-independent rows: evaluated once per seed for pairing
-            tinfo = ensure_trained(args, "pretrain", None, 0, s["pretrain_lr"], log)
+        for ps in args.pretrain_seeds if pre_rows else []:  # one pretrained model per pretrain seed, evaluated once per seed for pairing
+            tinfo = ensure_trained(args, "pretrain", None, ps, s["pretrain_lr"], log, ps)
             for seed in range(args.seeds):
-                evaluate_rows(args, pre_rows, rows, None, tinfo, None, seed, log)
-        for t, qcfg in finetunes.items():
-            names = [r for r in selected if rows[r]["train"] == t]
-            if not names:
-                continue
-            for lr in s["lrs"]:  # the LR grid on seed 0
-                tinfo = ensure_trained(args, t, qcfg, 0, lr, log)
-                evaluate_rows(args, names, rows, qcfg, tinfo, lr, 0, log)
+                evaluate_rows(args, pre_rows, rows, None, tinfo, None, seed, log, ps)
+        if not args.campaign:  # the LR grid on seed 0 (pretrain seed 0, the default steps): the default campaign only
+            for t, spec in finetunes.items():
+                if by_train[t] and "lr_of" not in spec:
+                    for lr in s["lrs"]:
+                        tinfo = ensure_trained(args, t, finetunes, 0, lr, log)
+                        evaluate_rows(args, by_train[t], rows, quantizer_of(finetunes, t), tinfo, lr, 0, log)
         best = chosen_lr(out, finetunes, rows, s)
-        for seed in range(1, args.seeds):  # the other seeds at each method's chosen LR
-            for t, qcfg in finetunes.items():
-                names = [r for r in selected if rows[r]["train"] == t]
-                if names and best[t] is not None:
-                    tinfo = ensure_trained(args, t, qcfg, seed, best[t], log)
-                    evaluate_rows(args, names, rows, qcfg, tinfo, best[t], seed, log)
+        missing = sorted(t for t in finetunes if by_train[t] and best[t] is None)
+        if args.campaign and missing:
+            log(f"no chosen LR yet for {', '.join(missing)} (the default campaign's grid in {out / 'results'} is incomplete): skipped")
+        for ps, n in points:  # a campaign goes seed by seed, so that pairs complete early
+            for seed in range(args.seeds):
+                for t, spec in finetunes.items():
+                    grid_done = not args.campaign and seed == 0 and (ps, n) == (0, s["steps"]) and "lr_of" not in spec
+                    if by_train[t] and best[t] is not None and not grid_done:
+                        tinfo = ensure_trained(args, t, finetunes, seed, best[t], log, ps, n)
+                        evaluate_rows(args, by_train[t], rows, quantizer_of(finetunes, t), tinfo, best[t], seed, log, ps, n)
     except TimeoutError as e:
         log(f"--budget-min reached before training {e}; rerun the same command to continue")
+    return report(args, rows, finetunes, log)
+
+
+def report(args, rows: dict, finetunes: dict, log=print) -> int:
     from report_pretrained import write_section
 
-    path = write_section(out, args.scale, rows, finetunes, s, args.seeds, _command(), bench.machine())
+    points = [(ps, n) for ps in args.pretrain_seeds for n in args.steps]
+    best = chosen_lr(Path(args.out), finetunes, rows, SCALES[args.scale])
+    path = write_section(Path(args.results), args.scale, rows, finetunes, SCALES[args.scale], args.seeds, _command(), bench.machine(),
+                         best=best, points=points, campaign=args.campaign)
     log(f"wrote {path}")
     return 0
 
@@ -234,17 +362,24 @@ def estimate(args) -> int:
     """Time a few optimizer steps of the pretraining and of every fine-tune; project the whole protocol."""
     finetunes, _ = plan(args.scale)
     s = SCALES[args.scale]
-    n_runs = len(s["lrs"]) + max(0, args.seeds - 1)  # LR grid on seed 0 + the chosen LR on the other seeds
+    n_pts = len(args.pretrain_seeds)
+    grid = 0 if args.campaign else len(s["lrs"]) - 1  # the default campaign's extra LR on seed 0
     total, lines = 0.0, []
-    items = [("pretrain", {"name": "kl", "weight": s["kl_weight"]}, s["pretrain_steps"], 1)]
-    items += [(t, q, s["steps"], n_runs) for t, q in finetunes.items()]
+    items = [("pretrain", {"name": "kl", "weight": s["kl_weight"]}, s["pretrain_steps"], n_pts)]
+    for t, spec in finetunes.items():
+        runs = n_pts * args.seeds + (0 if "lr_of" in spec else grid)
+        if "calibrate" in spec:  # decoder-only steps, timed as full steps (an upper bound)
+            n = int(spec["cal_steps"]) * len(args.steps)
+        else:
+            n = sum(steps - int(spec.get("steps_less", 0)) for steps in args.steps)
+        items.append((t, quantizer_of(finetunes, t), n, runs))
     for name, qcfg, steps, runs in items:
-        cfg = bench._load_config(_recipe(args.key, qcfg, 0, Path("/tmp/unused"), args.data_root, s["lr"], steps, None))
+        cfg = bench._load_config(_recipe(args.key, qcfg, 0, Path("/tmp/unused"), args.data_root, s["lr"], max(1, steps), None))
         _, per = bench.time_training_steps(cfg, s, args.estimate_steps)
         proj = per * steps * runs
         total += proj
         lines.append(f"{name:16s} {per:6.2f} s/step (cpu/threads) x {steps} steps x {runs} run(s) ~ {proj / 60:6.1f} min")
-    return bench.print_estimate(lines, total, f"~{len(plan(args.scale)[1])} rows x {n_runs} x {s['eval_images']} images")
+    return bench.print_estimate(lines, total, f"~{len(plan(args.scale)[1])} rows x {n_pts * args.seeds} x {s['eval_images']} images")
 
 
 def _command() -> str:
@@ -266,22 +401,28 @@ def main(argv=None) -> int:
     p.add_argument("--estimate-steps", type=int, default=2)
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--pretrain-seeds", default="0", help="comma-separated pretraining seeds: one pretrained VAE each (default 0)")
+    p.add_argument("--steps", default=None, help="comma-separated total training lengths (default: the scale's steps)")
+    p.add_argument("--campaign", default=None, help="keep results apart under <out>/campaigns/NAME (LRs from the default campaign)")
     args = p.parse_args(argv)
     if args.seeds is None:
         args.seeds = SCALES[args.scale]["seeds"]
+    args.pretrain_seeds = _ints(args.pretrain_seeds, "--pretrain-seeds")
+    args.steps = _ints(args.steps, "--steps") or [SCALES[args.scale]["steps"]]
+    if min(args.steps) <= SCALES[args.scale]["cal_steps"]:
+        raise SystemExit(f"--steps: every length must exceed the calibration's {SCALES[args.scale]['cal_steps']} steps, got {args.steps}")
+    if args.campaign is not None and (not args.campaign.replace("-", "").replace("_", "").isalnum()):
+        raise SystemExit(f"--campaign: use letters, digits, '-' and '_' only, got {args.campaign!r}")
+    args.results = str(Path(args.out) / "campaigns" / args.campaign) if args.campaign else args.out
     if args.threads:
         bench.torch.set_num_threads(args.threads)
     args.key = _scale_key(args.scale)
     if args.estimate:
         return estimate(args)
     if args.report_only:
-        from report_pretrained import write_section
-
         finetunes, rows = plan(args.scale)
-        print(write_section(Path(args.out), args.scale, rows, finetunes, SCALES[args.scale], args.seeds, _command(), bench.machine()))
-        return 0
+        return report(args, rows, finetunes)
     return run(args)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,6 +3,7 @@
     gq demo                       fetch photos, train recipes/tiny_cpu.yaml, evaluate, print the table
     gq train RECIPE [k=v ...]     fine-tune (accelerate; `accelerate launch -m gq_plugin.lab.cli train ...` for DDP)
     gq eval RECIPE CKPT [k=v ...] continuous VAE vs GQ: Markdown table + reconstruction grid
+    gq calibrate RUN --out RUN2   fine-tune the decoder alone on the GQ codewords (encoder, tokens frozen)
     gq diagnose MODEL_DIR         per-channel rates -> recommended (K, m) + measured conversion loss
     gq data fetch [--set small]   download real photos from Debian packages / wheels into the cache
     gq encode IMG... --model DIR -o FILE.gqt   images -> bit-packed token file
@@ -39,6 +40,14 @@ def _cmd_eval(args) -> int:
     res = evaluate(args.recipe, args.ckpt, out_dir=args.out, overrides=args.overrides, progress=not args.quiet)
     print(res["table"])
     print(f"\nwritten: {res['out_dir']}/eval.md, eval.json, recon_grid.png")
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from .calibrate import calibrate
+
+    logs = calibrate(args.run, args.out, overrides=args.overrides, resume=args.resume, progress=not args.quiet)
+    print(json.dumps({k: v for k, v in logs.items() if isinstance(v, (int, float, str))}, indent=2))
     return 0
 
 
@@ -169,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", **quiet)
     e.set_defaults(func=_cmd_eval)
 
+    ca = sub.add_parser("calibrate", help="fine-tune the decoder alone on the GQ codewords of a trained run (docs/calibration.md)")
+    ca.add_argument("run", metavar="RUN", help="a `gq train` output folder (config.yaml + final/) or one of its checkpoint folders")
+    ca.add_argument("overrides", nargs="*", help="key=value: steps (200), lr, batch_size, seed (default: the run's), ckpt_every (50), log_every (10)")
+    ca.add_argument("--out", required=True, help="the new run folder (config.yaml, checkpoint-<step>/, final, calibrate.json)")
+    ca.add_argument("--resume", default=None, help="'latest' (or a checkpoint dir of --out): continue an interrupted calibration")
+    ca.add_argument("--quiet", **quiet)
+    ca.set_defaults(func=_cmd_calibrate)
+
     d = sub.add_parser("diagnose", help="rate histogram of a VAE -> recommended K, m")
     d.add_argument("model", metavar="MODEL_DIR", help="save_pretrained dir of a diffusers AutoencoderKL, or a checkpoint dir such as runs/demo/final "
                                                        "(a GQ-patched model is measured with its own K and m)")
@@ -258,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     if not (sys.argv[1:] if argv is None else argv):  # `gq` alone: the help, not an error
         parser.print_help()
         return 0
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides after an option (`gq calibrate RUN --out RUN2 steps=200`) join the others
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except FloatingPointError as e:  # train.TrainingDiverged: non-finite weights, nothing saved

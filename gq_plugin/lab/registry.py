@@ -15,7 +15,7 @@ codebook_dim=None, **kwargs)`` returns an ``nn.Module`` with
 name           input                        indices                            aux_loss
 =============  ===========================  =================================  ==================
 gq             (B, 2C, H, W) posterior       (B, H, W, C/m) [#]_                TDC (train), 0 (eval)
-vq             (B, C, H, W)                  (B, H, W)                          commitment
+vq / simvq     (B, C, H, W)                  (B, H, W)                          commitment
 fsq            (B, C, H, W)                  (B, H, W)                          0
 lfq / bsq      (B, C, H, W)                  (B, H, W)                          entropy (train)
 tokenbridge    (B, C, H, W)                  (B, C, H, W) (per channel)         0
@@ -81,10 +81,19 @@ def _build_gq(latent_channels, bits_per_token=None, codebook_size=None, codebook
     return q
 
 
-def _build_vq(latent_channels, bits_per_token=None, codebook_size=None, codebook_dim=None, **kwargs):
+def _build_vq(latent_channels, bits_per_token=None, codebook_size=None, codebook_dim=None, lookup_dim=None, **kwargs):
+    """``lookup_dim``: VQ's low-dimensional lookup (vector-quantize-pytorch's ``codebook_dim``; a recipe's
+    ``codebook_dim`` is GQ's m)."""
     from .baselines.vqp import VQBaseline
 
-    return VQBaseline(latent_channels, _codebook_size(bits_per_token, codebook_size), codebook_dim=codebook_dim, **kwargs)
+    dim = codebook_dim if lookup_dim is None else int(lookup_dim)
+    return VQBaseline(latent_channels, _codebook_size(bits_per_token, codebook_size), codebook_dim=dim, **kwargs)
+
+
+def _build_simvq(latent_channels, bits_per_token=None, codebook_size=None, codebook_dim=None, **kwargs):
+    from .baselines.vqp import SimVQBaseline
+
+    return SimVQBaseline(latent_channels, _codebook_size(bits_per_token, codebook_size), **kwargs)
 
 
 def _build_fsq(latent_channels, bits_per_token=None, codebook_size=None, codebook_dim=None, levels=None, **kwargs):
@@ -128,8 +137,8 @@ def _build_tokenbridge(latent_channels, bits_per_token=None, codebook_size=None,
     return TokenBridgeBaseline(latent_channels, bits=bits, **kwargs)
 
 
-for _name, _builder in (("gq", _build_gq), ("vq", _build_vq), ("fsq", _build_fsq), ("lfq", _build_lfq), ("bsq", _build_bsq),
-                        ("tokenbridge", _build_tokenbridge)):
+for _name, _builder in (("gq", _build_gq), ("vq", _build_vq), ("simvq", _build_simvq), ("fsq", _build_fsq), ("lfq", _build_lfq),
+                        ("bsq", _build_bsq), ("tokenbridge", _build_tokenbridge)):
     register_quantizer(_name, _builder)
 
 

@@ -83,6 +83,20 @@ class VQBaseline(BaselineQuantizer):
         return self.q.get_output_from_indices(indices.long())
 
 
+class SimVQBaseline(VQBaseline):
+    """``SimVQ`` (Zhu et al. 2024): a frozen random codebook through a learned linear map (no EMA, no
+    dead codes by construction), rotation trick on; a second learned-VQ baseline for large codebooks.
+    Same calling convention as :class:`VQBaseline` (its ``forward``)."""
+
+    name = "simvq"
+
+    def __init__(self, channels: int, codebook_size: int, rotation_trick: bool = True, commitment_weight: float = 1.0, **kwargs) -> None:
+        BaselineQuantizer.__init__(self, channels)
+        self.q = _vqp().SimVQ(dim=channels, codebook_size=codebook_size, channel_first=True, rotation_trick=rotation_trick,
+                              commitment_weight=commitment_weight, **kwargs)
+        self.codebook_size, self.bits_per_token = codebook_size, math.log2(codebook_size)
+
+
 class FSQBaseline(BaselineQuantizer):
     """``FSQ(levels)`` with projections from/to C channels."""
 
