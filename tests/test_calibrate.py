@@ -137,7 +137,7 @@ def test_cli_takes_key_values_after_options_and_refuses_other_extras(tmp_path, c
     # key=value after --out joins the overrides (a bad one is then named by the settings check)
     assert gq_main(["calibrate", str(tmp_path), "--out", str(tmp_path / "o"), "stepz=3"]) == 2
     assert "unknown calibration setting 'stepz'" in capsys.readouterr().err
-    for argv in (["calibrate", str(tmp_path), "--out", str(tmp_path / "o"), "--bogus"], ["recipes", "a=b"]):
+    for argv in (["calibrate", str(tmp_path), "--out", str(tmp_path / "o"), "--bogus"], ["data", "list", "a=b"]):
         with pytest.raises(SystemExit) as e:
             gq_main(argv)
         assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err

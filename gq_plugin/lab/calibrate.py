@@ -117,7 +117,7 @@ def calibrate(run: str | os.PathLike, out: str | os.PathLike, overrides: list[st
     from .config import load_config
     from .data import ResumableSampler
     from .models import build_autoencoder_kl
-    from .train import build_datasets, latest_checkpoint, load_training_state, save_checkpoint
+    from .train import build_datasets, latest_checkpoint, load_training_state, point_final, save_checkpoint
 
     st = CalibrationSettings.from_overrides(overrides)
     cfg_file, src_ckpt = source_of(run)
@@ -213,10 +213,7 @@ def calibrate(run: str | os.PathLike, out: str | os.PathLike, overrides: list[st
     pbar.close()
     final = save_checkpoint(acc, wrapper, opt, None, None, step, out / f"checkpoint-{step}",
                             samples_seen=start_samples + (step - start_step) * bs)
-    link = out / "final"
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(final.name)
+    point_final(out, final)
     return {**last, "output_dir": str(out), "checkpoint": str(final), "train_time_s": time.time() - t0, "source": str(src_ckpt)}
 
 

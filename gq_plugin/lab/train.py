@@ -278,10 +278,7 @@ def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = Non
         torch.save({k: v.detach().cpu() for k, v in acc.unwrap_model(wrapper).model.state_dict().items()}, out_dir / f"rank{acc.process_index}.pt")
     final = save_checkpoint(acc, wrapper, opt, disc, opt_d, step, out_dir / f"checkpoint-{step}", samples_seen=start_samples + (step - start_step) * per_step)
     if acc.is_main_process:
-        final_link = out_dir / "final"
-        if final_link.is_symlink() or final_link.exists():
-            final_link.unlink()
-        final_link.symlink_to(final.name)
+        point_final(out_dir, final)
         if last_rates is not None:
             from .plots import plot_rate_histogram
 
@@ -349,6 +346,15 @@ def _fsync_tree(root: Path, recursive: bool = True) -> None:
             pass
         finally:
             os.close(fd)
+
+
+def point_final(run_dir: Path, checkpoint: Path) -> None:
+    """Make ``run_dir/final`` a relative symlink to ``checkpoint`` (a folder inside ``run_dir``),
+    replacing an older link: the one "newest finished checkpoint" entry of train, calibrate and prior runs."""
+    link = Path(run_dir) / "final"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(Path(checkpoint).name)
 
 
 def save_checkpoint(acc, wrapper, opt, disc, opt_d, step: int, path: Path, samples_seen: int | None = None) -> Path:

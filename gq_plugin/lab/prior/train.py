@@ -166,6 +166,7 @@ def train_prior(tokens, out, config=None, overrides: list[str] | None = None, pr
 
     from ..data import ResumableSampler
     from ..schedule import lr_at, set_lr
+    from ..train import point_final
 
     cfg = load_prior_config(config, overrides)
     ds = load_token_folder(tokens)
@@ -251,10 +252,7 @@ def train_prior(tokens, out, config=None, overrides: list[str] | None = None, pr
     if eval_seqs is not None:
         res["eval"] = evaluate_nll(acc.unwrap_model(prior), eval_seqs, layout)
     if acc.is_main_process:
-        link = run / "final"
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(final.name)
+        point_final(run, final)
         if eval_seqs is not None:
             (run / "eval.json").write_text(json.dumps({"step": step, **res["eval"], "eval_tokens": str(cfg.data.eval_tokens)}, indent=1))
     acc.wait_for_everyone()
