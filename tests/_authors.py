@@ -8,7 +8,7 @@ classes, and their GQ formulas written out independently, for tests/test_authors
 * The config: :func:`authors_yaml` writes the ``model`` section of their ``configs/sd3unet_gq_*.yaml``
   (written here from their published values, not copied), the decoder's params by OmegaConf
   interpolation of the encoder's, as theirs are.
-* The formulas (described in ../shared/research/reference.md sections 2, 3, 5): codebook = scipy
+* The formulas (from their repository's regularizer): codebook = scipy
   ``norm.ppf`` of a scrambled Sobol draw (``SobolEngine(m, scramble=True, seed=42)``); sub-codebook
   ``j`` of a token owns channels ``j, j + C/m, j + 2C/m, ...``; the index maximises
   ``-sum(((c - mu) / sigma)^2) + beta * sum(c^2)`` with ``logvar`` clamped to [-30, 20].

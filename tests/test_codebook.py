@@ -16,7 +16,8 @@ from gq_plugin.codebook import (
 
 
 def test_sobol_codebook_matches_reference_generator():
-    # First entries of the authors' codebook (K=2^16, m=16, seed 42), see research/reference.md section 3.
+    # First entries of the authors' codebook (K=2^16, m=16, seed 42): scipy norm.ppf of SobolEngine(16, scramble=True,
+    # seed=42).draw(2**16), the recipe of their repository (tongdaxu/VQ-VAE-from-Gaussian-VAE), written out in tests/_authors.py.
     cb = make_codebook(2**16, 16)
     assert cb.shape == (65536, 16) and cb.dtype == torch.float32
     torch.testing.assert_close(cb[0, :4], torch.tensor([2.8088, -1.2571, 0.9268, -0.2033]), atol=1e-4, rtol=0)
