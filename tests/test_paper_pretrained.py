@@ -150,7 +150,7 @@ def test_estimate_projects_every_training():
     assert "training total (uncontended projection from CPU time / threads)" in proc.stdout
 
 
-@pytest.mark.skipif(not photos_available(), reason="needs fetched photos")
+@needs_photos
 def test_campaign_with_two_pretrained_vaes_and_calibration(tmp_path):
     """A campaign: LRs from the default campaign's grid, one VAE per pretrain seed, calibrated TDC vs VQ at equal total steps."""
     pretrained, _ = _modules()
@@ -210,7 +210,7 @@ def test_headline_plan_spends_16_bits_on_every_quantized_row():
     assert pretrained.plan("tiny")[0]["vq"] == {"name": "vq", "codebook_size": 2**12}  # the committed tiny rows keep plain VQ
 
 
-@pytest.mark.skipif(not photos_available(), reason="needs fetched photos")
+@needs_photos
 def test_headline_smoke_end_to_end(tmp_path):
     out = tmp_path / "hl"
     cmd = [sys.executable, str(SCRIPT), "--scale", "smoke-headline", "--out", str(out), "--only", "pre+gq,tdc+gq,vq,simvq,fsq,tokenbridge-tdc",
