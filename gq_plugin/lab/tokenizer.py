@@ -19,6 +19,7 @@ VQ / FSQ / LFQ / BSQ (FSQ's product of levels is one index: ``codebook_size = pr
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import os
 from pathlib import Path
@@ -31,7 +32,7 @@ from ..tokens import LEARNED_CODEBOOK, TokenHeader
 CODEBOOK_FIELDS = ("codebook_size", "codebook_dim", "grouping", "codebook", "seed", "fingerprint")
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Base class: a loaded tokenizer (eval mode). Subclasses set ``vae``, ``kind``, ``model_dir``,
     ``model_id``, ``codebook_size``, ``groups`` and implement :meth:`encode` / :meth:`decode`."""
 
@@ -56,14 +57,17 @@ class Tokenizer:
     def device(self) -> torch.device:
         return next(self.vae.parameters()).device
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in [-1, 1] -> indices ``(B, G, h, w)``."""
 
-    def decode(self, indices: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices ``(B, G, h, w)`` -> images ``(B, 3, H, W)`` in [-1, 1]."""
 
-    def describe(self) -> dict:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def describe(self) -> dict:
+        """The codebook fields a token file records (:data:`CODEBOOK_FIELDS`)."""
 
     def header(self, shape, image_size=None, extra=None, layout: str | None = None) -> TokenHeader:
         """The header of a token file holding ``shape`` indices made by this tokenizer (``layout``
