@@ -61,6 +61,11 @@ def test_plan_spends_equal_bits_on_every_quantized_row():
         assert pretrained.quantizer_of(finetunes, f"{t}+cal") == finetunes[t]
         assert rows[f"{t}+gq+cal"]["train"] == f"{t}+cal" and rows[f"{t}+gq-precal"]["train"] == f"{t}-precal"
         assert bits[f"{t}+gq+cal"] == 12.0
+    # item 2's candidate: charge only the rate above log2 K, library's default hinge, at the band rule's LR
+    spend = pretrained.quantizer_of(finetunes, "tdc-spend+cal")
+    assert spend["tdc_spend"] is True and spend["tdc_rule"] == "band" and "tdc_hinge" not in spend
+    assert pretrained.lr_owner(finetunes, "tdc-spend+cal") == pretrained.lr_owner(finetunes, "tdc-spend-precal") == "tdc"
+    assert rows["tdc-spend+gq+cal"]["train"] == "tdc-spend+cal" and bits["tdc-spend+gq+cal"] == 12.0
 
 
 def test_axes_name_runs_and_results_and_keep_the_old_names(tmp_path):

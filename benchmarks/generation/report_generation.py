@@ -31,7 +31,7 @@ def _mean_std(vals: list[float], digits: int) -> str:
 
 
 def _gq_names(res: dict) -> list[str]:
-    return [n for n in res if n.endswith("+gq")]
+    return [n for n in res if "+gq" in n]
 
 
 def paired(res: dict, a: str, b: str, key: str) -> list[tuple[int, float]]:

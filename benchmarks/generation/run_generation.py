@@ -63,10 +63,14 @@ def log(msg: str, quiet: bool = False) -> None:
 
 
 def tokenizer_name(method: str, model_dir) -> str:
-    """``tdc+gq`` for a GQ model of method ``tdc``, the method itself for a baseline."""
+    """The protocol's row name: ``tdc+gq`` for a GQ model of method ``tdc``, ``tdc-ref+gq+cal`` for a
+    calibrated one (method ``tdc-ref+cal``), the method itself for a baseline."""
     from gq_plugin.lab.tokenizer import is_gq_model
 
-    return f"{method}+gq" if is_gq_model(model_dir, "tokenizer") else method
+    if not is_gq_model(model_dir, "tokenizer"):
+        return method
+    base, plus, suffix = method.partition("+")
+    return f"{base}+gq{plus}{suffix}"
 
 
 def discover(root, methods, seed: int = 0, results_dir=None, lrs: dict | None = None) -> dict:

@@ -146,6 +146,13 @@ def plan(scale: str) -> tuple[dict, dict]:
         finetunes[f"{t}+cal"] = {"calibrate": f"{t}-precal", "cal_steps": cal, "lr_of": t}
         rows[f"{t}+gq-precal"] = {"train": f"{t}-precal", **conv, "label": f"{label} fine-tune, steps - {cal}, + GQ (before calibration)"}
         rows[f"{t}+gq+cal"] = {"train": f"{t}+cal", **conv, "label": f"{label} fine-tune, steps - {cal}, + GQ + {cal} calibration steps"}
+    # issue #26 item 2: the band rule that charges only the rate above log2 K (tdc_spend), with the library's
+    # default hinge (log2 K + alpha/2); measured at equal total steps with calibration, at the TDC fine-tune's LR
+    label = "(b) TDC (band rule, spend)"
+    finetunes["tdc-spend-precal"] = {**gq, "tdc_rule": "band", "tdc_spend": True, "lr_of": "tdc", "steps_less": cal}
+    finetunes["tdc-spend+cal"] = {"calibrate": "tdc-spend-precal", "cal_steps": cal, "lr_of": "tdc"}
+    rows["tdc-spend+gq-precal"] = {"train": "tdc-spend-precal", **conv, "label": f"{label} fine-tune, steps - {cal}, + GQ (before calibration)"}
+    rows["tdc-spend+gq+cal"] = {"train": "tdc-spend+cal", **conv, "label": f"{label} fine-tune, steps - {cal}, + GQ + {cal} calibration steps"}
     return finetunes, rows
 
 
