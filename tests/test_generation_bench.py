@@ -77,6 +77,7 @@ def test_benchmark_writes_results_resumes_and_reports(protocol, tmp_path):
     text = (tmp_path / "RESULTS.md").read_text()
     d = gq["metrics"]["FD"] - json.loads((tmp_path / "results" / "vq" / "seed0.json").read_text())["metrics"]["FD"]
     assert f"seed 0: {d:+.2f}" in text and "tdc+gq minus vq" in text and "![vq samples](grids/vq-seed0.png)" in text
+    assert "(generation.png)" in text and (tmp_path / "generation.png").stat().st_size > 10_000
 
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "results").glob("*/seed*.json")}
     assert gen.main(argv) == 0  # resumable: nothing is redone

@@ -62,6 +62,51 @@ def verdict_lines(res: dict) -> list[str]:
     return lines
 
 
+def write_figure(out, res: dict) -> str | None:
+    """``generation.png``: the seed-0 sample grid of every tokenizer (top) and, per seed, held-out bits per
+    image and sample FD with the reconstruction-FD floor (bottom). ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    out = Path(out)
+    names = sorted(res)
+    fig = plt.figure(figsize=(3.2 * max(len(names), 2), 6.6))
+    grid = fig.add_gridspec(2, max(len(names), 2), height_ratios=[1.25, 1])
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(grid[0, i])
+        seed = min(res[name])
+        png = out / "grids" / f"{name}-seed{seed}.png"
+        if png.is_file():
+            ax.imshow(plt.imread(png))
+        ax.set_title(f"{name} (prior seed {seed})", fontsize=9)
+        ax.axis("off")
+    half = max(len(names), 2) // 2
+    for j, (key, label) in enumerate((("bits_per_image", "held-out NLL (bits / image)"), ("FD", "sample FD (EffNet-Lite0)"))):
+        ax = fig.add_subplot(grid[1, j * half:(j + 1) * half] if half else grid[1, j])
+        for x, name in enumerate(names):
+            vals = [res[name][s]["metrics"][key] for s in sorted(res[name])]
+            ax.scatter([x] * len(vals), vals, s=22, zorder=3)
+            ax.plot([x - 0.25, x + 0.25], [statistics.fmean(vals)] * 2, color="k", lw=1.5)
+            if key == "FD":
+                floor = statistics.fmean(res[name][s]["metrics"]["recon_FD"] for s in res[name])
+                ax.plot([x - 0.3, x + 0.3], [floor, floor], color="grey", ls="--", lw=1,
+                        label="reconstruction FD (floor)" if x == 0 else None)
+        ax.set_xticks(range(len(names)), names, fontsize=8)
+        ax.set_title(f"{label}, one dot per prior seed", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        if key == "FD":
+            ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = out / "generation.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
 def write_report(out) -> str:
     out = Path(out)
     res = load_results(out)
@@ -87,6 +132,8 @@ def write_report(out) -> str:
             cells = [_mean_std([r["metrics"][k] for r in rs], d) for k, _, d in COLUMNS]
             lines.append(f"| {name} | {ti['codebook_size']} | {g * h * w} | {rs[0]['raw_bits_per_image']:.0f} | "
                          f"{','.join(str(s) for s in sorted(res[name]))} | " + " | ".join(cells) + " |")
+        if write_figure(out, res):
+            lines += ["", "![sample grids, held-out NLL and sample FD per tokenizer](generation.png)"]
         lines += ["", "## Verdict, paired by seed", ""]
         v = verdict_lines(res)
         lines += v or ["Pending: needs a TDC+GQ tokenizer and a baseline on a common seed."]
