@@ -66,6 +66,12 @@ def test_plan_spends_equal_bits_on_every_quantized_row():
     assert spend["tdc_spend"] is True and spend["tdc_rule"] == "band" and "tdc_hinge" not in spend
     assert pretrained.lr_owner(finetunes, "tdc-spend+cal") == pretrained.lr_owner(finetunes, "tdc-spend-precal") == "tdc"
     assert rows["tdc-spend+gq+cal"]["train"] == "tdc-spend+cal" and bits["tdc-spend+gq+cal"] == 12.0
+    # item 4: beta is an eval-time lever on the calibrated checkpoints; m = 3 at equal bits is a fine-tune of its own
+    assert {rows[f"tdc-ref+gq+cal-beta{b}"]["beta"] for b in ("0", "0.5", "2")} == {0.0, 0.5, 2.0}
+    assert rows["tdc+gq+cal-beta2"]["train"] == "tdc+cal" and bits["tdc+gq+cal-beta0"] == 12.0
+    m3 = pretrained.quantizer_of(finetunes, "tdc-ref-m3+cal")
+    assert (m3["codebook_size"], m3["codebook_dim"], m3["tdc_rule"]) == (64, 3, "reference")
+    assert (rows["tdc-ref-m3+gq+cal"]["K"], rows["tdc-ref-m3+gq+cal"]["m"]) == (64, 3) and bits["tdc-ref-m3+gq+cal"] == 12.0
 
 
 def test_axes_name_runs_and_results_and_keep_the_old_names(tmp_path):

@@ -153,7 +153,25 @@ def plan(scale: str) -> tuple[dict, dict]:
     finetunes["tdc-spend+cal"] = {"calibrate": "tdc-spend-precal", "cal_steps": cal, "lr_of": "tdc"}
     rows["tdc-spend+gq-precal"] = {"train": "tdc-spend-precal", **conv, "label": f"{label} fine-tune, steps - {cal}, + GQ (before calibration)"}
     rows["tdc-spend+gq+cal"] = {"train": "tdc-spend+cal", **conv, "label": f"{label} fine-tune, steps - {cal}, + GQ + {cal} calibration steps"}
+    # item 4, GQ's beta (the paper's codebook regularisation omega: the prior term's weight in the score), an
+    # eval-time lever: the calibrated checkpoints converted with another beta (nothing is trained)
+    for t, label in (("tdc", "(b) TDC (band rule)"), ("tdc-ref", "(b) TDC (authors' rule)")):
+        for b in BETAS:
+            rows[f"{t}+gq+cal-beta{b:g}"] = {"train": f"{t}+cal", **conv, "beta": float(b),
+                                              "label": f"{label} fine-tune + calibration, GQ with beta = {b:g}"}
+    # item 4, m at equal bits: groups of m // 2 channels with sqrt(K) codes each (same bits per token)
+    if r["m"] % 2 == 0 and int(math.log2(K)) % 2 == 0:
+        m2, K2 = r["m"] // 2, 2 ** (int(math.log2(K)) // 2)
+        t = f"tdc-ref-m{m2}"
+        finetunes[f"{t}-precal"] = {**gq, "codebook_size": K2, "codebook_dim": m2, "tdc_rule": "reference", "lr_of": "tdc-ref",
+                                    "steps_less": cal}
+        finetunes[f"{t}+cal"] = {"calibrate": f"{t}-precal", "cal_steps": cal, "lr_of": "tdc-ref"}
+        rows[f"{t}+gq+cal"] = {"train": f"{t}+cal", **conv, "K": K2, "m": m2,
+                               "label": f"(b) TDC (authors' rule) with m = {m2}, K = 2^{int(math.log2(K2))}, + GQ + {cal} calibration steps"}
     return finetunes, rows
+
+
+BETAS = (0, 0.5, 2)  # GQ beta values measured beside the default 1 on the calibrated rows
 
 
 PROTOCOL_KEYS = ("lr_of", "steps_less", "calibrate", "cal_steps")  # fine-tune spec keys that are not quantizer settings
