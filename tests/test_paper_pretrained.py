@@ -1,5 +1,6 @@
 """benchmarks/paper/pretrained.py (the from-pretrained protocol, issue #13) at --scale smoke."""
 
+import argparse
 import json
 import math
 import subprocess
@@ -237,3 +238,28 @@ def test_headline_smoke_end_to_end(tmp_path):
     text = (out / "RESULTS.md").read_text()
     assert "16 bits per token" in text and "SimVQ 2^16" in text and "over budget (R_g > 16.5)" in text
     assert "Paper: GQ beats SIMVQ on PSNR: **" in text
+
+
+@pytest.mark.parametrize("scale, bits", [("tiny-b8", 8), ("tiny-b16", 16)])
+def test_rate_distortion_scales_share_tinys_pretrained_vae_at_other_bits(scale, bits, tmp_path):
+    """Issue #26 item 6: tiny's backbone and pretrained VAE at 8 and 16 bits per token, every quantized row at that rate."""
+    pretrained, _ = _modules()
+    s = pretrained.SCALES[scale]
+    assert s["model"] == pretrained.SCALES["tiny"]["model"] and s["pretrain_of"] == "tiny"
+    finetunes, rows = pretrained.plan(scale)
+    got = {}
+    for name, sp in rows.items():
+        if sp["kind"] == "gq":
+            got[name] = (6 // sp["m"]) * math.log2(sp["K"])
+        elif sp["kind"] == "baseline":
+            q = finetunes[sp["train"]]
+            got[name] = math.log2(math.prod(q["levels"])) if "levels" in q else math.log2(q["codebook_size"])
+    assert {"tdc+gq+cal", "tdc-ref+gq+cal", "vq", "fsq"} <= set(got)
+    assert all(b == bits for n, b in got.items() if n != "fsq") and bits - 0.1 < got["fsq"] <= bits, got
+    assert not [r for r in rows if r.startswith("tokenbridge")]  # no whole number of bits per channel at 8 or 16 bits over 6
+    assert bool(finetunes["vq"].get("lookup_dim")) == (bits == 16)  # 2^16 codes: VQ's large-codebook options
+    args = argparse.Namespace(out=str(tmp_path), scale=scale)
+    assert pretrained.run_dir(args, "pretrain", 0, 1e-3, 1, 1200) == tmp_path / "runs" / "tiny" / "pretrain-ps1"
+    assert pretrained.run_dir(args, "vq", 0, 1e-4, 0, 1200) == tmp_path / "runs" / scale / "vq-lr0.0001-seed0"
+    with pytest.raises(SystemExit, match="runs in a campaign"):
+        pretrained.main(["--scale", scale, "--out", str(tmp_path), "--report-only"])

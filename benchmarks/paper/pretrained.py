@@ -80,6 +80,12 @@ SCALES = {
                        "eval_batch": 16, "distribution": False, "seeds": 1, "ckpt_every": 0, "kl_weight": 1e-4, "lam_factor": 1.02,
                        "entropy_frac": 0.25, "cal_steps": 1, "bits": 16, "m": 16, "fsq_levels": [8, 8, 8, 5, 5, 5], "vq_lookup_dim": 8},
 }
+# the rate-distortion axis at tiny (issue #26 item 6): the same backbone and pretrained VAE(s) as `tiny` ("pretrain_of"),
+# 8 and 16 bits per token (GQ K = 2^8 / 2^16 with m = 6; VQ 2^8 / 2^16, the latter with its large-codebook options; FSQ
+# [8, 6, 5] = 240 / [8, 8, 8, 5, 5, 5] = 64000 levels); TokenBridge has no whole number of bits per channel there. Campaigns only:
+# the LRs are tiny's (12 bits) choices, so that the three rates differ only in the rate.
+SCALES["tiny-b8"] = {**SCALES["tiny"], "bits": 8, "fsq_levels": [8, 6, 5], "pretrain_of": "tiny"}
+SCALES["tiny-b16"] = {**SCALES["tiny"], "bits": 16, "fsq_levels": [8, 8, 8, 5, 5, 5], "vq_lookup_dim": 8, "pretrain_of": "tiny"}
 
 
 def vq_large_codebook_options(s: dict) -> dict:
@@ -128,16 +134,18 @@ def plan(scale: str) -> tuple[dict, dict]:
     rows = {
         "pre": {"train": "pretrain", "kind": "continuous", "label": "pretrained Gaussian VAE, continuous"},
         "pre+gq": {"train": "pretrain", **conv, "label": "(a) pretrained VAE + GQ, no fine-tuning"},
-        "tokenbridge-pre": {"train": "pretrain", **tb, "label": "(d) TokenBridge on the pretrained VAE"},
     }
+    if r["bits"] % r["C"] == 0:  # TokenBridge spends a whole number of bits per channel
+        rows["tokenbridge-pre"] = {"train": "pretrain", **tb, "label": "(d) TokenBridge on the pretrained VAE"}
     for t, label in (("tdc", "(b) TDC (band rule)"), ("tdc-ref", "(b) TDC (authors' rule)"),
                      ("vanilla-fixed", "vanilla (fixed KL weight)"), ("vanilla-matched", "vanilla (rate-matched)")):
         rows[t] = {"train": t, "kind": "continuous", "label": f"{label} fine-tune, continuous"}
         rows[f"{t}+gq"] = {"train": t, **conv, "key": True, "label": f"{label} fine-tune + GQ"}
     for b in [q for q in ("vq", "simvq", "fsq", "lfq", "bsq") if q in finetunes]:
         rows[b] = {"train": b, "kind": "baseline", "key": True, "label": f"(c) {'SimVQ' if b == 'simvq' else b.upper()} fine-tune"}
-    rows["tokenbridge-tdc"] = {"train": "tdc", **tb, "label": "(d) TokenBridge on the TDC fine-tune"}
-    rows["tokenbridge-vanilla-fixed"] = {"train": "vanilla-fixed", **tb, "label": "(d) TokenBridge on the vanilla (fixed KL) fine-tune"}
+    if r["bits"] % r["C"] == 0:
+        rows["tokenbridge-tdc"] = {"train": "tdc", **tb, "label": "(d) TokenBridge on the TDC fine-tune"}
+        rows["tokenbridge-vanilla-fixed"] = {"train": "vanilla-fixed", **tb, "label": "(d) TokenBridge on the vanilla (fixed KL) fine-tune"}
     # decoder calibration at equal total steps (issue #26): TDC for steps - cal_steps, then the decoder alone
     # on the GQ codewords for cal_steps; both at the LR chosen for the TDC fine-tune (no grid of their own)
     cal = s["cal_steps"]
@@ -202,7 +210,8 @@ def _recipe(key: str, qcfg: dict, seed: int, out_dir: Path, data_root, lr: float
 def run_dir(args, name: str, seed: int, lr: float, ps: int, steps: int) -> Path:
     """``<out>/runs/<scale>/pretrain[-ps<p>]`` or ``<out>/runs/<scale>/<name>-lr<lr>-seed<k>[-ps<p>][-steps<n>]``."""
     root = Path(args.out) / "runs" / args.scale
-    if name == "pretrain":
+    if name == "pretrain":  # a rate-distortion scale shares its base scale's pretrained VAE(s)
+        root = Path(args.out) / "runs" / SCALES[args.scale].get("pretrain_of", args.scale)
         return root / ("pretrain" if ps == 0 else f"pretrain-ps{ps}")
     return root / (f"{name}-{lr_tag(lr)}-seed{seed}" + point_tag(ps, steps, SCALES[args.scale]["steps"]).replace("@", "-"))
 
@@ -438,6 +447,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"--steps: every length must exceed the calibration's {SCALES[args.scale]['cal_steps']} steps, got {args.steps}")
     if args.campaign is not None and (not args.campaign.replace("-", "").replace("_", "").isalnum()):
         raise SystemExit(f"--campaign: use letters, digits, '-' and '_' only, got {args.campaign!r}")
+    if SCALES[args.scale].get("pretrain_of") and not args.campaign:
+        raise SystemExit(f"--scale {args.scale}: a rate-distortion scale runs in a campaign (--campaign NAME), with "
+                         f"{SCALES[args.scale]['pretrain_of']}'s pretrained VAE and LR choices")
     args.results = str(Path(args.out) / "campaigns" / args.campaign) if args.campaign else args.out
     if args.threads:
         bench.torch.set_num_threads(args.threads)

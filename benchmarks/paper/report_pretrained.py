@@ -104,7 +104,10 @@ def write_section(out: Path, scale: str, rows: dict, finetunes: dict, s: dict, s
          "every LR on seed 0, then each method's best seed-0 LR (PSNR of its own quantized row) on the other seeds. Equal bits: "
          f"{rt['bits']} bits per token for every quantized row (GQ K = 2^{rt['bits'] * rt['m'] // rt['C']}, m = {rt['m']}; VQ "
          f"2^{rt['bits']}{' and SimVQ 2^' + str(rt['bits']) if 'simvq' in finetunes else ''}; FSQ {rt['levels']}; LFQ / BSQ "
-         f"{rt['bits']} bits; TokenBridge {rt['tb_bits']} bits x {rt['C']} channels) = {rt['bpp']:g} bpp."
+         f"{rt['bits']} bits" + (f"; TokenBridge {rt['tb_bits']} bits x {rt['C']} channels" if rt["bits"] % rt["C"] == 0 else
+         "; no TokenBridge row: no whole number of bits per channel") + f") = {rt['bpp']:g} bpp."
+         + (f" The LRs are scale `{s['pretrain_of']}`'s choices and its pretrained VAE(s) are shared (a rate-distortion point)."
+            if s.get("pretrain_of") else "")
          + (f" VQ's large-codebook options: {finetunes['vq']}." if "lookup_dim" in finetunes["vq"] else ""),
          "* `vanilla-fixed` = the paper's vanilla (the pretraining's fixed KL weight, no rate matching); `vanilla-matched` = only "
          "TDC's global multiplier (a KL weight steered to a mean rate of log2 K). `tdc` = TDC with the band rule, its hinge at log2 K "
