@@ -73,6 +73,10 @@ def test_plan_spends_equal_bits_on_every_quantized_row():
     m3 = pretrained.quantizer_of(finetunes, "tdc-ref-m3+cal")
     assert (m3["codebook_size"], m3["codebook_dim"], m3["tdc_rule"]) == (64, 3, "reference")
     assert (rows["tdc-ref-m3+gq+cal"]["K"], rows["tdc-ref-m3+gq+cal"]["m"]) == (64, 3) and bits["tdc-ref-m3+gq+cal"] == 12.0
+    # item 5: TDC on what TokenBridge quantizes (per channel, 2 bits each), judged by TokenBridge on that fine-tune
+    tb = pretrained.quantizer_of(finetunes, "tdc-tb")
+    assert (tb["codebook_size"], tb["codebook_dim"], tb["tdc_rule"]) == (4, 1, "band") and pretrained.lr_owner(finetunes, "tdc-tb") == "tdc"
+    assert rows["tokenbridge-tdc-tb"]["train"] == "tdc-tb" and bits["tokenbridge-tdc-tb"] == bits["tdc-tb+gq"] == 12.0
 
 
 def test_axes_name_runs_and_results_and_keep_the_old_names(tmp_path):

@@ -176,6 +176,13 @@ def plan(scale: str) -> tuple[dict, dict]:
         finetunes[f"{t}+cal"] = {"calibrate": f"{t}-precal", "cal_steps": cal, "lr_of": "tdc-ref"}
         rows[f"{t}+gq+cal"] = {"train": f"{t}+cal", **conv, "K": K2, "m": m2,
                                "label": f"(b) TDC (authors' rule) with m = {m2}, K = 2^{int(math.log2(K2))}, + GQ + {cal} calibration steps"}
+    # item 5, TokenBridge fairly: TDC constrains what TokenBridge quantizes, each channel on its own (m = 1,
+    # K = 2^(TokenBridge's bits per channel)), at the band rule's LR and the full steps
+    if r["bits"] % r["C"] == 0:
+        finetunes["tdc-tb"] = {**gq, "codebook_size": 2 ** r["tb_bits"], "codebook_dim": 1, "tdc_rule": "band", "lr_of": "tdc"}
+        rows["tdc-tb+gq"] = {"train": "tdc-tb", **conv, "K": 2 ** r["tb_bits"], "m": 1,
+                             "label": f"(b) TDC (band rule) per channel (m = 1, K = 2^{r['tb_bits']}) fine-tune + GQ"}
+        rows["tokenbridge-tdc-tb"] = {"train": "tdc-tb", **tb, "label": "(d) TokenBridge on the per-channel TDC fine-tune"}
     return finetunes, rows
 
 

@@ -62,6 +62,17 @@ for _t, _name in (("tdc", "band rule"), ("tdc-ref", "authors' rule")):  # issue 
     CLAIMS += [(f"Calibration ({_name}): GQ + calibration beats VQ on PSNR at equal total steps", f"{_t}+gq+cal", "vq", "PSNR", True),
                (f"Calibration ({_name}): GQ + calibration beats VQ on LPIPS at equal total steps", f"{_t}+gq+cal", "vq", "LPIPS-alex", False),
                (f"Calibration ({_name}): the calibration steps improve GQ PSNR", f"{_t}+gq+cal", f"{_t}+gq-precal", "PSNR", True)]
+CLAIMS += [  # issue #26 items 2 and 5
+    ("Spend (band rule, tdc_spend): GQ + calibration beats VQ on PSNR at equal total steps", "tdc-spend+gq+cal", "vq", "PSNR", True),
+    ("Spend (band rule, tdc_spend): GQ + calibration beats VQ on LPIPS at equal total steps", "tdc-spend+gq+cal", "vq", "LPIPS-alex", False),
+    ("Spend vs today's band rule, both calibrated", "tdc-spend+gq+cal", "tdc+gq+cal", "PSNR", True),
+    ("Spend vs the authors' rule, both calibrated", "tdc-spend+gq+cal", "tdc-ref+gq+cal", "PSNR", True),
+    ("TDC per channel improves TokenBridge (vs the vanilla fine-tune)", "tokenbridge-tdc-tb", "tokenbridge-vanilla-fixed", "PSNR", True),
+    ("TDC per channel improves TokenBridge (vs the pretrained VAE)", "tokenbridge-tdc-tb", "tokenbridge-pre", "PSNR", True),
+    ("m = C/2 (two groups) vs m = C (one group), authors' rule, calibrated", "tdc-ref-m3+gq+cal", "tdc-ref+gq+cal", "PSNR", True)]
+for _t, _name in (("tdc", "band rule"), ("tdc-ref", "authors' rule")):  # issue #26 item 4: GQ's beta at conversion
+    CLAIMS += [(f"GQ beta = {_b:g} vs beta = 1 ({_name}, calibrated)", f"{_t}+gq+cal-beta{_b:g}", f"{_t}+gq+cal", "PSNR", True)
+               for _b in (0, 0.5, 2)]
 
 
 def _verdicts(res: dict) -> list[str]:
