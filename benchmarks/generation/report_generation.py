@@ -74,19 +74,19 @@ def write_figure(out, res: dict) -> str | None:
         return None
     out = Path(out)
     names = sorted(res)
-    fig = plt.figure(figsize=(3.2 * max(len(names), 2), 6.6))
-    grid = fig.add_gridspec(2, max(len(names), 2), height_ratios=[1.25, 1])
+    n = len(names)
+    fig = plt.figure(figsize=(max(3.6 * n, 8), 7.4))
+    grid = fig.add_gridspec(2, 2 * n, height_ratios=[1.3, 1])
     for i, name in enumerate(names):
-        ax = fig.add_subplot(grid[0, i])
+        ax = fig.add_subplot(grid[0, 2 * i:2 * i + 2])
         seed = min(res[name])
         png = out / "grids" / f"{name}-seed{seed}.png"
         if png.is_file():
             ax.imshow(plt.imread(png))
-        ax.set_title(f"{name} (prior seed {seed})", fontsize=9)
+        ax.set_title(f"{name}: samples (prior seed {seed})", fontsize=9)
         ax.axis("off")
-    half = max(len(names), 2) // 2
-    for j, (key, label) in enumerate((("bits_per_image", "held-out NLL (bits / image)"), ("FD", "sample FD (EffNet-Lite0)"))):
-        ax = fig.add_subplot(grid[1, j * half:(j + 1) * half] if half else grid[1, j])
+    for j, (key, label) in enumerate((("bits_per_image", "held-out NLL, bits per image"), ("FD", "sample FD (EfficientNet-Lite0)"))):
+        ax = fig.add_subplot(grid[1, j * n:(j + 1) * n])
         for x, name in enumerate(names):
             vals = [res[name][s]["metrics"][key] for s in sorted(res[name])]
             ax.scatter([x] * len(vals), vals, s=22, zorder=3)
@@ -94,12 +94,12 @@ def write_figure(out, res: dict) -> str | None:
             if key == "FD":
                 floor = statistics.fmean(res[name][s]["metrics"]["recon_FD"] for s in res[name])
                 ax.plot([x - 0.3, x + 0.3], [floor, floor], color="grey", ls="--", lw=1,
-                        label="reconstruction FD (floor)" if x == 0 else None)
-        ax.set_xticks(range(len(names)), names, fontsize=8)
-        ax.set_title(f"{label}, one dot per prior seed", fontsize=9)
+                        label="the tokenizer's reconstruction FD (floor)" if x == 0 else None)
+        ax.set_xticks(range(n), names, fontsize=8)
+        ax.set_title(f"{label} (one dot per prior seed; lower is better)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         if key == "FD":
-            ax.legend(fontsize=7, loc="best")
+            ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     path = out / "generation.png"
     fig.savefig(path, dpi=110)
