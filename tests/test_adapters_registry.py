@@ -63,7 +63,14 @@ def test_vq_large_codebook_options_reach_vector_quantize():
                         threshold_ema_dead_code=2, kmeans_init=False)
     vq = q.q
     assert vq.has_projections and vq.project_in.out_features == 8 and tuple(vq.codebook.shape) == (2**10, 8)
-    assert vq.use_cosine_sim and vq.rotation_trick and vq._codebook.threshold_ema_dead_code == 2
+    assert vq.use_cosine_sim and vq.rotation_trick
+    cb = vq._codebook
+    if hasattr(cb, "dead_code_threshold_ratio"):  # vector-quantize-pytorch >= 1.34 converts the absolute count
+        assert cb.dead_code_threshold_ratio == pytest.approx(2 / 2**10) and cb.has_dead_code_replacement
+        ratio = build_quantizer("vq", 16, codebook_size=2**10, dead_code_threshold_ratio=0.5, kmeans_init=False).q._codebook
+        assert ratio.dead_code_threshold_ratio == 0.5  # the ratio form reaches the library as given
+    else:
+        assert cb.threshold_ema_dead_code == 2
     z_q, idx, _ = q(torch.randn(2, 16, 4, 4))
     assert z_q.shape == (2, 16, 4, 4) and idx.shape == (2, 4, 4)
 

@@ -96,8 +96,22 @@ def vq_large_codebook_options(s: dict) -> dict:
         return {}
     r = rate_of(s)
     tokens = s["batch"] * (s["size"] * s["size"]) // r["ppt"]
-    return {"lookup_dim": int(s["vq_lookup_dim"]), "use_cosine_sim": True, "rotation_trick": True, "kmeans_init": True,
-            "threshold_ema_dead_code": 0.5 * tokens / r["K"]}
+    opts = {"lookup_dim": int(s["vq_lookup_dim"]), "use_cosine_sim": True, "rotation_trick": True, "kmeans_init": True}
+    if vqp_has_dead_code_ratio():  # vector-quantize-pytorch >= 1.34: the threshold is a ratio of the mean cluster size
+        return {**opts, "dead_code_threshold_ratio": 0.5}
+    return {**opts, "threshold_ema_dead_code": 0.5 * tokens / r["K"]}
+
+
+def vqp_has_dead_code_ratio() -> bool:
+    """Whether the installed vector-quantize-pytorch takes ``dead_code_threshold_ratio`` (1.34 deprecated the absolute
+    ``threshold_ema_dead_code`` and reads a value < 1 as that ratio, which would change what the option means)."""
+    import inspect
+
+    try:
+        from vector_quantize_pytorch import VectorQuantize
+    except ImportError:
+        return False
+    return "dead_code_threshold_ratio" in inspect.signature(VectorQuantize.__init__).parameters
 
 
 def _scale_key(scale: str) -> str:

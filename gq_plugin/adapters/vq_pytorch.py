@@ -56,8 +56,8 @@ from torch import nn
 from ..quantizer import GaussianQuantizer, GQConfig, unpack_posterior
 from ..rate import group_rates
 
-# VectorQuantize (1.32.0) constructor options with no meaning for a fixed Gaussian codebook
-# trained by TDC, with their VectorQuantize defaults.
+# VectorQuantize (1.32.0 to 1.34.1) constructor options with no meaning for a fixed Gaussian codebook
+# trained by TDC, with their VectorQuantize defaults (1.34 added the dead-code ratios).
 IGNORED_OPTIONS = {
     "decay": 0.8, "eps": 1e-5, "kmeans_init": False, "kmeans_iters": 10, "sync_kmeans": True, "use_cosine_sim": False,
     "threshold_ema_dead_code": 0, "commitment_use_cross_entropy_loss": False, "orthogonal_reg_weight": 0.0,
@@ -67,7 +67,8 @@ IGNORED_OPTIONS = {
     "sync_codebook": None, "sync_affine_param": False, "ema_update": None, "vq_bridge": None, "manual_ema_update": False,
     "learnable_codebook": None, "in_place_codebook_optimizer": None, "manual_in_place_optimizer_update": False,
     "affine_param": False, "affine_param_batch_decay": 0.99, "affine_param_codebook_decay": 0.9, "sync_update_v": 0.0,
-    "route_gradients_to_input": True,
+    "route_gradients_to_input": True, "dead_code_threshold_ratio": 0.0, "reset_cluster_size_ratio": None,
+    "reset_cluster_size": None,
 }
 # forward() options of VectorQuantize that only steer its EMA / sampling
 LOSS_REDUCTIONS = ("element", "group", "sum")

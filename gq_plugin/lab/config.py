@@ -86,7 +86,8 @@ def load_config(cfg: DictConfig | dict | str | os.PathLike, overrides: list[str]
 #: baseline quantizer arguments a recipe's ``quantizer`` section may carry (registry builders)
 BASELINE_KEYS = ("bits_per_token", "levels", "bits", "aux_weight", "kmeans_init", "decay", "commitment_weight",
                  "entropy_loss_weight", "frac_per_sample_entropy", "scale", "quant_min", "quant_max", "std_range",
-                 "lookup_dim", "use_cosine_sim", "rotation_trick", "threshold_ema_dead_code", "kmeans_iters")
+                 "lookup_dim", "use_cosine_sim", "rotation_trick", "threshold_ema_dead_code", "kmeans_iters",
+                 "dead_code_threshold_ratio")
 
 
 def gq_recipe_settings(qcfg) -> dict:
