@@ -53,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run as bench  # noqa: E402  benchmarks/paper/run.py (puts this checkout's gq_plugin on sys.path)
-from report_pretrained import lr_tag, point_tag, rate_of  # noqa: E402  (result-folder names and bit budget, shared with the report)
+from report_pretrained import BETAS, lr_tag, point_tag, rate_of  # noqa: E402  (result-folder names and bit budget, shared with the report)
 
 BITS = 12  # bits per token for every quantized row
 C = 6  # latent channels: 12 bits = GQ 2^12 x 1 group = VQ 2^12 = FSQ [8,8,8,8] = LFQ/BSQ 12 bits = TokenBridge 2 bits x 6 ch
@@ -149,7 +149,7 @@ def plan(scale: str) -> tuple[dict, dict]:
         "pre": {"train": "pretrain", "kind": "continuous", "label": "pretrained Gaussian VAE, continuous"},
         "pre+gq": {"train": "pretrain", **conv, "label": "(a) pretrained VAE + GQ, no fine-tuning"},
     }
-    if r["bits"] % r["C"] == 0:  # TokenBridge spends a whole number of bits per channel
+    if r["tb_bits"] is not None:  # TokenBridge spends a whole number of bits per channel
         rows["tokenbridge-pre"] = {"train": "pretrain", **tb, "label": "(d) TokenBridge on the pretrained VAE"}
     for t, label in (("tdc", "(b) TDC (band rule)"), ("tdc-ref", "(b) TDC (authors' rule)"),
                      ("vanilla-fixed", "vanilla (fixed KL weight)"), ("vanilla-matched", "vanilla (rate-matched)")):
@@ -157,7 +157,7 @@ def plan(scale: str) -> tuple[dict, dict]:
         rows[f"{t}+gq"] = {"train": t, **conv, "key": True, "label": f"{label} fine-tune + GQ"}
     for b in [q for q in ("vq", "simvq", "fsq", "lfq", "bsq") if q in finetunes]:
         rows[b] = {"train": b, "kind": "baseline", "key": True, "label": f"(c) {'SimVQ' if b == 'simvq' else b.upper()} fine-tune"}
-    if r["bits"] % r["C"] == 0:
+    if r["tb_bits"] is not None:
         rows["tokenbridge-tdc"] = {"train": "tdc", **tb, "label": "(d) TokenBridge on the TDC fine-tune"}
         rows["tokenbridge-vanilla-fixed"] = {"train": "vanilla-fixed", **tb, "label": "(d) TokenBridge on the vanilla (fixed KL) fine-tune"}
     # decoder calibration at equal total steps (issue #26): TDC for steps - cal_steps, then the decoder alone
@@ -182,25 +182,24 @@ def plan(scale: str) -> tuple[dict, dict]:
             rows[f"{t}+gq+cal-beta{b:g}"] = {"train": f"{t}+cal", **conv, "beta": float(b),
                                               "label": f"{label} fine-tune + calibration, GQ with beta = {b:g}"}
     # item 4, m at equal bits: groups of m // 2 channels with sqrt(K) codes each (same bits per token)
-    if r["m"] % 2 == 0 and int(math.log2(K)) % 2 == 0:
-        m2, K2 = r["m"] // 2, 2 ** (int(math.log2(K)) // 2)
+    log2k = int(math.log2(K))
+    if r["m"] % 2 == 0 and log2k % 2 == 0:
+        m2, K2 = r["m"] // 2, 2 ** (log2k // 2)
         t = f"tdc-ref-m{m2}"
         finetunes[f"{t}-precal"] = {**gq, "codebook_size": K2, "codebook_dim": m2, "tdc_rule": "reference", "lr_of": "tdc-ref",
                                     "steps_less": cal}
         finetunes[f"{t}+cal"] = {"calibrate": f"{t}-precal", "cal_steps": cal, "lr_of": "tdc-ref"}
         rows[f"{t}+gq+cal"] = {"train": f"{t}+cal", **conv, "K": K2, "m": m2,
-                               "label": f"(b) TDC (authors' rule) with m = {m2}, K = 2^{int(math.log2(K2))}, + GQ + {cal} calibration steps"}
+                               "label": f"(b) TDC (authors' rule) with m = {m2}, K = 2^{log2k // 2}, + GQ + {cal} calibration steps"}
     # item 5, TokenBridge fairly: TDC constrains what TokenBridge quantizes, each channel on its own (m = 1,
     # K = 2^(TokenBridge's bits per channel)), at the band rule's LR and the full steps
-    if r["bits"] % r["C"] == 0:
+    if r["tb_bits"] is not None:
         finetunes["tdc-tb"] = {**gq, "codebook_size": 2 ** r["tb_bits"], "codebook_dim": 1, "tdc_rule": "band", "lr_of": "tdc"}
         rows["tdc-tb+gq"] = {"train": "tdc-tb", **conv, "K": 2 ** r["tb_bits"], "m": 1,
                              "label": f"(b) TDC (band rule) per channel (m = 1, K = 2^{r['tb_bits']}) fine-tune + GQ"}
         rows["tokenbridge-tdc-tb"] = {"train": "tdc-tb", **tb, "label": "(d) TokenBridge on the per-channel TDC fine-tune"}
     return finetunes, rows
 
-
-BETAS = (0, 0.5, 2)  # GQ beta values measured beside the default 1 on the calibrated rows
 
 
 PROTOCOL_KEYS = ("lr_of", "steps_less", "calibrate", "cal_steps")  # fine-tune spec keys that are not quantizer settings

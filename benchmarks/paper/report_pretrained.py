@@ -22,11 +22,12 @@ def point_tag(ps: int, steps: int, default_steps: int) -> str:
 
 def rate_of(s: dict) -> dict:
     """The scale's bit budget: ``bits`` per token, latent channels ``C``, GQ group size ``m``, ``K = 2^(bits m / C)``,
-    FSQ ``levels``, TokenBridge ``tb_bits`` per channel, pixels per token ``ppt`` and ``bpp`` (default: 12 bits, m = C = 6)."""
+    FSQ ``levels``, TokenBridge ``tb_bits`` per channel (None where ``bits`` is not a whole number of bits per channel),
+    pixels per token ``ppt`` and ``bpp`` (default: 12 bits, m = C = 6)."""
     c = s["model"]["latent_channels"]
     bits, m = s.get("bits", 12), s.get("m", c)
     ppt = 4 ** (len(s["model"]["block_out_channels"]) - 1)
-    return {"bits": bits, "C": c, "m": m, "K": 2 ** (bits * m // c), "levels": s.get("fsq_levels", [8, 8, 8, 8]), "tb_bits": bits // c,
+    return {"bits": bits, "C": c, "m": m, "K": 2 ** (bits * m // c), "levels": s.get("fsq_levels", [8, 8, 8, 8]), "tb_bits": bits // c if bits % c == 0 else None,
             "ppt": ppt, "bpp": bits / ppt}
 
 
@@ -71,9 +72,10 @@ CLAIMS += [  # issue #26 items 2 and 5
     ("TDC per channel improves TokenBridge (vs the pretrained VAE)", "tokenbridge-tdc-tb", "tokenbridge-pre", "PSNR", True),
     ("Paper: larger m is better at equal bits: m = C (one group) beats m = C/2 (two groups), authors' rule, calibrated",
      "tdc-ref+gq+cal", "tdc-ref-m3+gq+cal", "PSNR", True)]
+BETAS = (0, 0.5, 2)  # GQ beta values measured beside the default 1 on the calibrated rows (pretrained.plan's rows)
 for _t, _name in (("tdc", "band rule"), ("tdc-ref", "authors' rule")):  # issue #26 item 4: GQ's beta at conversion
     CLAIMS += [(f"GQ beta = {_b:g} vs beta = 1 ({_name}, calibrated)", f"{_t}+gq+cal-beta{_b:g}", f"{_t}+gq+cal", "PSNR", True)
-               for _b in (0, 0.5, 2)]
+               for _b in BETAS]
 
 
 def _verdicts(res: dict) -> list[str]:
@@ -116,7 +118,7 @@ def write_section(out: Path, scale: str, rows: dict, finetunes: dict, s: dict, s
          "every LR on seed 0, then each method's best seed-0 LR (PSNR of its own quantized row) on the other seeds. Equal bits: "
          f"{rt['bits']} bits per token for every quantized row (GQ K = 2^{rt['bits'] * rt['m'] // rt['C']}, m = {rt['m']}; VQ "
          f"2^{rt['bits']}{' and SimVQ 2^' + str(rt['bits']) if 'simvq' in finetunes else ''}; FSQ {rt['levels']}; LFQ / BSQ "
-         f"{rt['bits']} bits" + (f"; TokenBridge {rt['tb_bits']} bits x {rt['C']} channels" if rt["bits"] % rt["C"] == 0 else
+         f"{rt['bits']} bits" + (f"; TokenBridge {rt['tb_bits']} bits x {rt['C']} channels" if rt["tb_bits"] is not None else
          "; no TokenBridge row: no whole number of bits per channel") + f") = {rt['bpp']:g} bpp."
          + (f" The LRs are scale `{s['pretrain_of']}`'s choices and its pretrained VAE(s) are shared (a rate-distortion point)."
             if s.get("pretrain_of") else "")
