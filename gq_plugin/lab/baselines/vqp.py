@@ -15,6 +15,7 @@ half of a tokenizer: equal to the ``z_q`` of the forward pass that produced the 
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -45,7 +46,10 @@ def _check_fmap(z: torch.Tensor, channels: int) -> None:
         raise ValueError(f"expected a (B, {channels}, H, W) latent, got {tuple(z.shape)}")
 
 
-class BaselineQuantizer(nn.Module):
+class BaselineQuantizer(nn.Module, abc.ABC):
+    """The calling convention of every baseline (module docstring); subclasses implement ``forward`` and
+    ``decode_indices``."""
+
     needs_posterior = False
     name = "baseline"
 
@@ -56,9 +60,13 @@ class BaselineQuantizer(nn.Module):
     codebook_size: int
     bits_per_token: float
 
+    @abc.abstractmethod
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(B, C, H, W)`` latent -> ``(z_q, indices, aux_loss)`` (module docstring)."""
+
+    @abc.abstractmethod
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """``indices`` as returned by ``forward`` -> the quantized latent ``(B, C, H, W)``."""
-        raise NotImplementedError(f"{type(self).__name__} does not decode indices")
 
 
 class VQBaseline(BaselineQuantizer):
