@@ -271,3 +271,48 @@ def test_rate_distortion_scales_share_tinys_pretrained_vae_at_other_bits(scale, 
     assert pretrained.run_dir(args, "vq", 0, 1e-4, 0, 1200) == tmp_path / "runs" / scale / "vq-lr0.0001-seed0"
     with pytest.raises(SystemExit, match="runs in a campaign"):
         pretrained.main(["--scale", scale, "--out", str(tmp_path), "--report-only"])
+
+
+@needs_photos
+def test_calibration_split_and_lr_rows_keep_equal_total_steps(tmp_path, monkeypatch):
+    """Issue #26 item 3: a longer calibration starts from the precal run's checkpoint at steps - n (same total steps);
+    a calibration LR row trains at a multiple of the fine-tune's LR. Both are read by the report's verdicts."""
+    pretrained, report = _modules()
+    s = {**pretrained.SCALES["smoke"], "steps": 4, "ckpt_every": 2, "cal_steps": 1}
+    monkeypatch.setitem(pretrained.SCALES, "smoke", s)
+    monkeypatch.setattr(pretrained, "CAL_SPLITS", (2, 3))  # 3: no checkpoint at step 1, so no row
+    finetunes, rows = pretrained.plan("smoke")
+    assert "tdc-ref+gq+cal2" in rows and "tdc-ref+gq+cal3" not in rows and "tdc-ref+gq+cal-lrx3" in rows
+    assert pretrained.quantizer_of(finetunes, "tdc-ref+cal2") == pretrained.quantizer_of(finetunes, "tdc-ref")
+    out = tmp_path / "fp"
+    for row, psnrs in (("tdc-ref+gq", (20.0, 21.0)), ("vq", (22.0, 19.0))):  # seed-0 grid of the default campaign
+        for lr, v in zip(s["lrs"], psnrs):
+            p = pretrained.result_path(out, row, lr, 0)
+            p.parent.mkdir(parents=True)
+            p.write_text(json.dumps({"metrics": {"PSNR": v}}))
+    pretrained.main(["--scale", "smoke", "--out", str(out), "--campaign", "c1", "--quiet",
+                     "--only", "tdc-ref+gq+cal,tdc-ref+gq+cal2,tdc-ref+gq+cal-lrx3,vq"])
+    runs = out / "runs" / "smoke"
+    precal = json.loads((runs / "tdc-ref-precal-lr0.0003-seed0" / "train.json").read_text())
+    split = json.loads((runs / "tdc-ref+cal2-lr0.0003-seed0" / "train.json").read_text())
+    fast = json.loads((runs / "tdc-ref+cal-lrx3-lr0.0003-seed0" / "train.json").read_text())
+    assert precal["steps"] == 3
+    assert split["calibrated"] == str(runs / "tdc-ref-precal-lr0.0003-seed0" / "checkpoint-2")
+    assert (split["steps"], split["calibration_steps"], split["calibration_lr"]) == (4, 2, 3e-4)
+    assert (fast["steps"], fast["calibration_steps"]) == (4, 1) and fast["calibration_lr"] == pytest.approx(9e-4)
+    assert fast["calibrated"] == precal["checkpoint"]
+    cal_meta = json.loads((runs / "tdc-ref+cal-lrx3-lr0.0003-seed0" / "calibrate.json").read_text())
+    assert cal_meta["lr"] == pytest.approx(9e-4)
+    res = json.loads((out / "campaigns" / "c1" / "results" / "tdc-ref+gq+cal2@lr0.0003" / "seed0.json").read_text())
+    assert res["steps"] == 4 and math.isfinite(res["metrics"]["PSNR"])
+    text = (out / "campaigns" / "c1" / "RESULTS.md").read_text()
+    assert "Calibration for 2 of the steps vs for the default (authors' rule): **" not in text  # the report's splits are 300, 600
+    assert "Calibration at 3 x LR vs at the fine-tune's LR (authors' rule): **" in text
+    # a split whose checkpoint is gone is refused with the path it needs
+    import shutil
+
+    shutil.rmtree(runs / "tdc-ref+cal2-lr0.0003-seed0")
+    shutil.rmtree(runs / "tdc-ref-precal-lr0.0003-seed0" / "checkpoint-2")
+    shutil.rmtree(out / "campaigns" / "c1" / "results" / "tdc-ref+gq+cal2@lr0.0003")
+    with pytest.raises(SystemExit, match="checkpoint-2"):
+        pretrained.main(["--scale", "smoke", "--out", str(out), "--campaign", "c1", "--quiet", "--only", "tdc-ref+gq+cal2"])

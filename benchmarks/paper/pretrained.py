@@ -53,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run as bench  # noqa: E402  benchmarks/paper/run.py (puts this checkout's gq_plugin on sys.path)
-from report_pretrained import BETAS, lr_tag, point_tag, rate_of  # noqa: E402  (result-folder names and bit budget, shared with the report)
+from report_pretrained import BETAS, CAL_LR_MULTS, CAL_SPLITS, lr_tag, point_tag, rate_of  # noqa: E402  (result-folder names and bit budget, shared with the report)
 
 BITS = 12  # bits per token for every quantized row
 C = 6  # latent channels: 12 bits = GQ 2^12 x 1 group = VQ 2^12 = FSQ [8,8,8,8] = LFQ/BSQ 12 bits = TokenBridge 2 bits x 6 ch
@@ -168,6 +168,20 @@ def plan(scale: str) -> tuple[dict, dict]:
         finetunes[f"{t}+cal"] = {"calibrate": f"{t}-precal", "cal_steps": cal, "lr_of": t}
         rows[f"{t}+gq-precal"] = {"train": f"{t}-precal", **conv, "label": f"{label} fine-tune, steps - {cal}, + GQ (before calibration)"}
         rows[f"{t}+gq+cal"] = {"train": f"{t}+cal", **conv, "label": f"{label} fine-tune, steps - {cal}, + GQ + {cal} calibration steps"}
+    # item 3, the calibration's own settings at equal total steps, on the authors' rule (the best calibrated row):
+    # a longer calibration started from an earlier checkpoint of the same precal run (TDC for steps - n, then n
+    # decoder steps), where that run keeps the checkpoint; and the calibration LR at 0.3 and 3 times the TDC
+    # fine-tune's chosen LR (no grid of its own otherwise)
+    ck = s["ckpt_every"]
+    for n in CAL_SPLITS:
+        if ck and n > cal and (s["steps"] - n) % ck == 0:
+            finetunes[f"tdc-ref+cal{n}"] = {"calibrate": "tdc-ref-precal", "cal_steps": n, "cal_from_checkpoint": True, "lr_of": "tdc-ref"}
+            rows[f"tdc-ref+gq+cal{n}"] = {"train": f"tdc-ref+cal{n}", **conv,
+                                          "label": f"(b) TDC (authors' rule) fine-tune, steps - {n}, + GQ + {n} calibration steps"}
+    for mult in CAL_LR_MULTS:
+        finetunes[f"tdc-ref+cal-lrx{mult:g}"] = {"calibrate": "tdc-ref-precal", "cal_steps": cal, "cal_lr_mult": mult, "lr_of": "tdc-ref"}
+        rows[f"tdc-ref+gq+cal-lrx{mult:g}"] = {"train": f"tdc-ref+cal-lrx{mult:g}", **conv,
+                                               "label": f"(b) TDC (authors' rule) fine-tune, steps - {cal}, + GQ + {cal} calibration steps at {mult:g} x LR"}
     # issue #26 item 2: the band rule that charges only the rate above log2 K (tdc_spend), with the library's
     # default hinge (log2 K + alpha/2); measured at equal total steps with calibration, at the TDC fine-tune's LR
     label = "(b) TDC (band rule, spend)"
@@ -202,7 +216,7 @@ def plan(scale: str) -> tuple[dict, dict]:
 
 
 
-PROTOCOL_KEYS = ("lr_of", "steps_less", "calibrate", "cal_steps")  # fine-tune spec keys that are not quantizer settings
+PROTOCOL_KEYS = ("lr_of", "steps_less", "calibrate", "cal_steps", "cal_from_checkpoint", "cal_lr_mult")  # fine-tune spec keys that are not quantizer settings
 
 
 def quantizer_of(finetunes: dict, t: str) -> dict:
@@ -277,13 +291,21 @@ def _ensure_calibrated(args, name: str, finetunes: dict, seed: int, lr: float, l
     spec = finetunes[name]
     base = ensure_trained(args, spec["calibrate"], finetunes, seed, lr, log, ps, steps)
     cal = int(spec["cal_steps"])
+    src, base_steps, base_time = Path(base["checkpoint"]), int(base["steps"]), float(base["train_time_s"])
+    if spec.get("cal_from_checkpoint"):  # start from the base run's checkpoint at steps - cal (equal total steps)
+        base_steps = steps - cal
+        src = run_dir(args, spec["calibrate"], seed, lr, ps, steps) / f"checkpoint-{base_steps}"
+        if not (src / "vae").is_dir():
+            raise SystemExit(f"{name}: needs {src} (the run keeps a checkpoint every ckpt_every steps; delete the run to retrain it)")
+        base_time *= base_steps / int(base["steps"])  # the share of the base run's time spent on the steps used
+    cal_lr = lr * float(spec.get("cal_lr_mult", 1.0))
     resume = "latest" if latest_checkpoint(rd) is not None else None
-    log(f"calibrate {rd.name} ({'resume' if resume else 'start'}, {cal} decoder steps on GQ codewords, lr {lr:g})")
+    log(f"calibrate {rd.name} ({'resume' if resume else 'start'}, {cal} decoder steps on GQ codewords from step {base_steps}, lr {cal_lr:g})")
     t0 = time.time()
-    res = calibrate(Path(base["checkpoint"]), rd, [f"steps={cal}", f"lr={lr}", f"seed={seed}", f"ckpt_every={max(1, min(50, cal))}"],
+    res = calibrate(src, rd, [f"steps={cal}", f"lr={cal_lr}", f"seed={seed}", f"ckpt_every={max(1, min(50, cal))}"],
                     resume=resume, progress=not args.quiet)
-    info = {**base, "train": name, "steps": base["steps"] + cal, "calibration_steps": cal, "calibrated": base["checkpoint"],
-            "train_time_s": base["train_time_s"] + time.time() - t0, "checkpoint": res["checkpoint"],
+    info = {**base, "train": name, "steps": base_steps + cal, "calibration_steps": cal, "calibration_lr": cal_lr, "calibrated": str(src),
+            "train_time_s": base_time + time.time() - t0, "checkpoint": res["checkpoint"],
             "final_log": {k: v for k, v in res.items() if isinstance(v, (int, float))}}
     (rd / "train.json").write_text(json.dumps(info, indent=2))
     return info

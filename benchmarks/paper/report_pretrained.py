@@ -72,6 +72,16 @@ CLAIMS += [  # issue #26 items 2 and 5
     ("TDC per channel improves TokenBridge (vs the pretrained VAE)", "tokenbridge-tdc-tb", "tokenbridge-pre", "PSNR", True),
     ("Paper: larger m is better at equal bits: m = C (one group) beats m = C/2 (two groups), authors' rule, calibrated",
      "tdc-ref+gq+cal", "tdc-ref-m3+gq+cal", "PSNR", True)]
+CAL_SPLITS = (300, 600)  # longer calibrations at equal total steps (from the precal run's checkpoint at steps - n)
+CAL_LR_MULTS = (0.3, 3.0)  # calibration LRs beside the TDC fine-tune's own (multiples of it)
+for _n in CAL_SPLITS:  # issue #26 item 3: the calibration's own settings, authors' rule
+    CLAIMS += [(f"Calibration for {_n} of the steps (authors' rule) beats VQ on PSNR at equal total steps", f"tdc-ref+gq+cal{_n}", "vq", "PSNR", True),
+               (f"Calibration for {_n} of the steps (authors' rule) beats VQ on LPIPS at equal total steps", f"tdc-ref+gq+cal{_n}", "vq",
+                "LPIPS-alex", False),
+               (f"Calibration for {_n} of the steps vs for the default (authors' rule)", f"tdc-ref+gq+cal{_n}", "tdc-ref+gq+cal", "PSNR", True)]
+for _m in CAL_LR_MULTS:
+    CLAIMS += [(f"Calibration at {_m:g} x LR vs at the fine-tune's LR (authors' rule)", f"tdc-ref+gq+cal-lrx{_m:g}", "tdc-ref+gq+cal", "PSNR", True),
+               (f"Calibration at {_m:g} x LR (authors' rule) beats VQ on PSNR at equal total steps", f"tdc-ref+gq+cal-lrx{_m:g}", "vq", "PSNR", True)]
 BETAS = (0, 0.5, 2)  # GQ beta values measured beside the default 1 on the calibrated rows (pretrained.plan's rows)
 for _t, _name in (("tdc", "band rule"), ("tdc-ref", "authors' rule")):  # issue #26 item 4: GQ's beta at conversion
     CLAIMS += [(f"GQ beta = {_b:g} vs beta = 1 ({_name}, calibrated)", f"{_t}+gq+cal-beta{_b:g}", f"{_t}+gq+cal", "PSNR", True)
