@@ -291,7 +291,7 @@ def test_calibration_split_and_lr_rows_keep_equal_total_steps(tmp_path, monkeypa
             p.parent.mkdir(parents=True)
             p.write_text(json.dumps({"metrics": {"PSNR": v}}))
     pretrained.main(["--scale", "smoke", "--out", str(out), "--campaign", "c1", "--quiet",
-                     "--only", "tdc-ref+gq+cal,tdc-ref+gq+cal2,tdc-ref+gq+cal-lrx3,vq"])
+                     "--only", "tdc-ref+gq+cal,tdc-ref+gq+cal2,tdc-ref+gq+cal-lrx3,tdc-ref-tol1+gq+cal,vq"])
     runs = out / "runs" / "smoke"
     precal = json.loads((runs / "tdc-ref-precal-lr0.0003-seed0" / "train.json").read_text())
     split = json.loads((runs / "tdc-ref+cal2-lr0.0003-seed0" / "train.json").read_text())
@@ -301,6 +301,10 @@ def test_calibration_split_and_lr_rows_keep_equal_total_steps(tmp_path, monkeypa
     assert (split["steps"], split["calibration_steps"], split["calibration_lr"]) == (4, 2, 3e-4)
     assert (fast["steps"], fast["calibration_steps"]) == (4, 1) and fast["calibration_lr"] == pytest.approx(9e-4)
     assert fast["calibrated"] == precal["checkpoint"]
+    tol = json.loads((runs / "tdc-ref-tol1-precal-lr0.0003-seed0" / "train.json").read_text())
+    assert tol["quantizer"]["tolerance"] == 1.0 and tol["quantizer"]["tdc_rule"] == "reference"
+    tol_cfg = (runs / "tdc-ref-tol1-precal-lr0.0003-seed0" / "config.yaml").read_text()
+    assert "tolerance: 1.0" in tol_cfg
     cal_meta = json.loads((runs / "tdc-ref+cal-lrx3-lr0.0003-seed0" / "calibrate.json").read_text())
     assert cal_meta["lr"] == pytest.approx(9e-4)
     res = json.loads((out / "campaigns" / "c1" / "results" / "tdc-ref+gq+cal2@lr0.0003" / "seed0.json").read_text())

@@ -53,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run as bench  # noqa: E402  benchmarks/paper/run.py (puts this checkout's gq_plugin on sys.path)
-from report_pretrained import BETAS, CAL_LR_MULTS, CAL_SPLITS, lr_tag, point_tag, rate_of  # noqa: E402  (result-folder names and bit budget, shared with the report)
+from report_pretrained import BETAS, CAL_LR_MULTS, CAL_SPLITS, TOLERANCES, lr_tag, point_tag, rate_of  # noqa: E402  (result-folder names and bit budget, shared with the report)
 
 BITS = 12  # bits per token for every quantized row
 C = 6  # latent channels: 12 bits = GQ 2^12 x 1 group = VQ 2^12 = FSQ [8,8,8,8] = LFQ/BSQ 12 bits = TokenBridge 2 bits x 6 ch
@@ -182,6 +182,13 @@ def plan(scale: str) -> tuple[dict, dict]:
         finetunes[f"tdc-ref+cal-lrx{mult:g}"] = {"calibrate": "tdc-ref-precal", "cal_steps": cal, "cal_lr_mult": mult, "lr_of": "tdc-ref"}
         rows[f"tdc-ref+gq+cal-lrx{mult:g}"] = {"train": f"tdc-ref+cal-lrx{mult:g}", **conv,
                                                "label": f"(b) TDC (authors' rule) fine-tune, steps - {cal}, + GQ + {cal} calibration steps at {mult:g} x LR"}
+    # item 4, TDC's tolerance alpha (the band's half-width around log2 K; default 0.5 bits), authors' rule, calibrated
+    for tol in TOLERANCES:
+        t = f"tdc-ref-tol{tol:g}"
+        finetunes[f"{t}-precal"] = {**gq, "tdc_rule": "reference", "tolerance": float(tol), "lr_of": "tdc-ref", "steps_less": cal}
+        finetunes[f"{t}+cal"] = {"calibrate": f"{t}-precal", "cal_steps": cal, "lr_of": "tdc-ref"}
+        rows[f"{t}+gq+cal"] = {"train": f"{t}+cal", **conv,
+                               "label": f"(b) TDC (authors' rule, tolerance {tol:g} bits), steps - {cal}, + GQ + {cal} calibration steps"}
     # issue #26 item 2: the band rule that charges only the rate above log2 K (tdc_spend), with the library's
     # default hinge (log2 K + alpha/2); measured at equal total steps with calibration, at the TDC fine-tune's LR
     label = "(b) TDC (band rule, spend)"

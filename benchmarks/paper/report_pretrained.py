@@ -82,6 +82,11 @@ for _n in CAL_SPLITS:  # issue #26 item 3: the calibration's own settings, autho
 for _m in CAL_LR_MULTS:
     CLAIMS += [(f"Calibration at {_m:g} x LR vs at the fine-tune's LR (authors' rule)", f"tdc-ref+gq+cal-lrx{_m:g}", "tdc-ref+gq+cal", "PSNR", True),
                (f"Calibration at {_m:g} x LR (authors' rule) beats VQ on PSNR at equal total steps", f"tdc-ref+gq+cal-lrx{_m:g}", "vq", "PSNR", True)]
+TOLERANCES = (0.25, 1.0)  # TDC tolerances (alpha, bits) beside the default 0.5, authors' rule, calibrated
+for _a in TOLERANCES:  # issue #26 item 4: TDC's tolerance
+    CLAIMS += [(f"TDC tolerance {_a:g} vs 0.5 bits (authors' rule, calibrated)", f"tdc-ref-tol{_a:g}+gq+cal", "tdc-ref+gq+cal", "PSNR", True),
+               (f"TDC tolerance {_a:g} (authors' rule, calibrated) beats VQ on PSNR at equal total steps", f"tdc-ref-tol{_a:g}+gq+cal", "vq",
+                "PSNR", True)]
 BETAS = (0, 0.5, 2)  # GQ beta values measured beside the default 1 on the calibrated rows (pretrained.plan's rows)
 for _t, _name in (("tdc", "band rule"), ("tdc-ref", "authors' rule")):  # issue #26 item 4: GQ's beta at conversion
     CLAIMS += [(f"GQ beta = {_b:g} vs beta = 1 ({_name}, calibrated)", f"{_t}+gq+cal-beta{_b:g}", f"{_t}+gq+cal", "PSNR", True)
