@@ -312,6 +312,7 @@ def test_calibration_split_and_lr_rows_keep_equal_total_steps(tmp_path, monkeypa
     text = (out / "campaigns" / "c1" / "RESULTS.md").read_text()
     assert "Calibration for 2 of the steps vs for the default (authors' rule): **" not in text  # the report's splits are 300, 600
     assert "Calibration at 3 x LR vs at the fine-tune's LR (authors' rule): **" in text
+    assert "Calibration at 0.1 x LR vs at the fine-tune's LR (band rule): *pending*" in text  # no band-rule row was run
     # a split whose checkpoint is gone is refused with the path it needs
     import shutil
 

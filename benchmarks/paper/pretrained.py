@@ -53,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run as bench  # noqa: E402  benchmarks/paper/run.py (puts this checkout's gq_plugin on sys.path)
-from report_pretrained import BETAS, CAL_LR_MULTS, CAL_SPLITS, TOLERANCES, lr_tag, point_tag, rate_of  # noqa: E402  (result-folder names and bit budget, shared with the report)
+from report_pretrained import BETAS, CAL_LR_MULTS, CAL_SPLIT_LR_MULTS, CAL_SPLITS, TOLERANCES, lr_tag, point_tag, rate_of  # noqa: E402  (result-folder names and bit budget, shared with the report)
 
 BITS = 12  # bits per token for every quantized row
 C = 6  # latent channels: 12 bits = GQ 2^12 x 1 group = VQ 2^12 = FSQ [8,8,8,8] = LFQ/BSQ 12 bits = TokenBridge 2 bits x 6 ch
@@ -174,14 +174,19 @@ def plan(scale: str) -> tuple[dict, dict]:
     # fine-tune's chosen LR (no grid of its own otherwise)
     ck = s["ckpt_every"]
     for n in CAL_SPLITS:
-        if ck and n > cal and (s["steps"] - n) % ck == 0:
-            finetunes[f"tdc-ref+cal{n}"] = {"calibrate": "tdc-ref-precal", "cal_steps": n, "cal_from_checkpoint": True, "lr_of": "tdc-ref"}
-            rows[f"tdc-ref+gq+cal{n}"] = {"train": f"tdc-ref+cal{n}", **conv,
-                                          "label": f"(b) TDC (authors' rule) fine-tune, steps - {n}, + GQ + {n} calibration steps"}
-    for mult in CAL_LR_MULTS:
-        finetunes[f"tdc-ref+cal-lrx{mult:g}"] = {"calibrate": "tdc-ref-precal", "cal_steps": cal, "cal_lr_mult": mult, "lr_of": "tdc-ref"}
-        rows[f"tdc-ref+gq+cal-lrx{mult:g}"] = {"train": f"tdc-ref+cal-lrx{mult:g}", **conv,
-                                               "label": f"(b) TDC (authors' rule) fine-tune, steps - {cal}, + GQ + {cal} calibration steps at {mult:g} x LR"}
+        if not (ck and cal < n < s["steps"] and (s["steps"] - n) % ck == 0):
+            continue
+        for mult in (1.0, *CAL_SPLIT_LR_MULTS):
+            sfx = "" if mult == 1.0 else f"-lrx{mult:g}"
+            finetunes[f"tdc-ref+cal{n}{sfx}"] = {"calibrate": "tdc-ref-precal", "cal_steps": n, "cal_from_checkpoint": True,
+                                                 **({} if mult == 1.0 else {"cal_lr_mult": mult}), "lr_of": "tdc-ref"}
+            rows[f"tdc-ref+gq+cal{n}{sfx}"] = {"train": f"tdc-ref+cal{n}{sfx}", **conv,
+                                               "label": f"(b) TDC (authors' rule) fine-tune, steps - {n}, + GQ + {n} calibration steps at {mult:g} x LR"}
+    for t, label in (("tdc", "(b) TDC (band rule)"), ("tdc-ref", "(b) TDC (authors' rule)")):
+        for mult in CAL_LR_MULTS:
+            finetunes[f"{t}+cal-lrx{mult:g}"] = {"calibrate": f"{t}-precal", "cal_steps": cal, "cal_lr_mult": mult, "lr_of": t}
+            rows[f"{t}+gq+cal-lrx{mult:g}"] = {"train": f"{t}+cal-lrx{mult:g}", **conv,
+                                               "label": f"{label} fine-tune, steps - {cal}, + GQ + {cal} calibration steps at {mult:g} x LR"}
     # item 4, TDC's tolerance alpha (the band's half-width around log2 K; default 0.5 bits), authors' rule, calibrated
     for tol in TOLERANCES:
         t = f"tdc-ref-tol{tol:g}"

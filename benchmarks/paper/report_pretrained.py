@@ -73,15 +73,20 @@ CLAIMS += [  # issue #26 items 2 and 5
     ("Paper: larger m is better at equal bits: m = C (one group) beats m = C/2 (two groups), authors' rule, calibrated",
      "tdc-ref+gq+cal", "tdc-ref-m3+gq+cal", "PSNR", True)]
 CAL_SPLITS = (300, 600)  # longer calibrations at equal total steps (from the precal run's checkpoint at steps - n)
-CAL_LR_MULTS = (0.3, 3.0)  # calibration LRs beside the TDC fine-tune's own (multiples of it)
+CAL_LR_MULTS = (0.1, 0.3, 3.0)  # calibration LRs beside the TDC fine-tune's own (multiples of it)
+CAL_SPLIT_LR_MULTS = (0.3,)  # the longer calibrations also at these multiples (besides 1)
 for _n in CAL_SPLITS:  # issue #26 item 3: the calibration's own settings, authors' rule
-    CLAIMS += [(f"Calibration for {_n} of the steps (authors' rule) beats VQ on PSNR at equal total steps", f"tdc-ref+gq+cal{_n}", "vq", "PSNR", True),
-               (f"Calibration for {_n} of the steps (authors' rule) beats VQ on LPIPS at equal total steps", f"tdc-ref+gq+cal{_n}", "vq",
-                "LPIPS-alex", False),
-               (f"Calibration for {_n} of the steps vs for the default (authors' rule)", f"tdc-ref+gq+cal{_n}", "tdc-ref+gq+cal", "PSNR", True)]
-for _m in CAL_LR_MULTS:
-    CLAIMS += [(f"Calibration at {_m:g} x LR vs at the fine-tune's LR (authors' rule)", f"tdc-ref+gq+cal-lrx{_m:g}", "tdc-ref+gq+cal", "PSNR", True),
-               (f"Calibration at {_m:g} x LR (authors' rule) beats VQ on PSNR at equal total steps", f"tdc-ref+gq+cal-lrx{_m:g}", "vq", "PSNR", True)]
+    for _sfx in ("", *(f"-lrx{_m:g}" for _m in CAL_SPLIT_LR_MULTS)):
+        _r, _at = f"tdc-ref+gq+cal{_n}{_sfx}", f" at {_sfx[4:]} x LR" if _sfx else ""
+        CLAIMS += [(f"Calibration for {_n} of the steps{_at} (authors' rule) beats VQ on PSNR at equal total steps", _r, "vq", "PSNR", True),
+                   (f"Calibration for {_n} of the steps{_at} (authors' rule) beats VQ on LPIPS at equal total steps", _r, "vq", "LPIPS-alex", False),
+                   (f"Calibration for {_n} of the steps{_at} vs for the default (authors' rule)", _r, "tdc-ref+gq+cal", "PSNR", True)]
+for _t, _name in (("tdc", "band rule"), ("tdc-ref", "authors' rule")):
+    for _m in CAL_LR_MULTS:
+        CLAIMS += [(f"Calibration at {_m:g} x LR vs at the fine-tune's LR ({_name})", f"{_t}+gq+cal-lrx{_m:g}", f"{_t}+gq+cal", "PSNR", True),
+                   (f"Calibration at {_m:g} x LR ({_name}) beats VQ on PSNR at equal total steps", f"{_t}+gq+cal-lrx{_m:g}", "vq", "PSNR", True),
+                   (f"Calibration at {_m:g} x LR ({_name}) beats VQ on LPIPS at equal total steps", f"{_t}+gq+cal-lrx{_m:g}", "vq", "LPIPS-alex",
+                    False)]
 TOLERANCES = (0.25, 1.0)  # TDC tolerances (alpha, bits) beside the default 0.5, authors' rule, calibrated
 for _a in TOLERANCES:  # issue #26 item 4: TDC's tolerance
     CLAIMS += [(f"TDC tolerance {_a:g} vs 0.5 bits (authors' rule, calibrated)", f"tdc-ref-tol{_a:g}+gq+cal", "tdc-ref+gq+cal", "PSNR", True),
