@@ -57,7 +57,7 @@ def test_only_the_decoder_changes(run, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("decoder."))
     assert {k for k in before if k.startswith("decoder.") and k.endswith("conv_out.weight")} <= changed
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in logs] == [1, 2, 3] and all(e["lr"] == 1e-3 for e in logs)  # the run's optim.lr
+    assert [e["step"] for e in logs] == [1, 2, 3] and all(e["lr"] == pytest.approx(3e-4) for e in logs)  # 0.3 x the run's optim.lr
     # the reconstruction loss: per-image sum of l1 + 0.1 lpips over 3x32x32 elements
     assert logs[-1]["rec"] == pytest.approx((logs[-1]["l1"] + 0.1 * logs[-1]["lpips"]) * 3 * 32 * 32, rel=1e-4)
     meta = json.loads((out / "calibrate.json").read_text())
@@ -107,6 +107,8 @@ def test_the_result_is_a_run_other_commands_accept(run, tmp_path):
     (["stepz=3"], "unknown calibration setting 'stepz'"),
     (["steps"], "is not key=value"),
     (["steps=2.5"], "steps=.2.5. is not a whole number"),
+    (["lr_scale=0"], "lr_scale must be finite and > 0"),
+    (["lr_scale=x"], "lr_scale=.x. is not a number"),
 ])
 def test_bad_settings_are_named(args, message):
     with pytest.raises(ValueError, match=message):
@@ -141,3 +143,11 @@ def test_cli_takes_key_values_after_options_and_refuses_other_extras(tmp_path, c
         with pytest.raises(SystemExit) as e:
             gq_main(argv)
         assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_lr_is_a_fraction_of_the_runs_unless_given(run, tmp_path):
+    """lr defaults to lr_scale (0.3) x the run's optim.lr (1e-3 here); an explicit lr wins over lr_scale."""
+    for args, want in ((["lr_scale=0.5"], 5e-4), (["lr=2e-4", "lr_scale=0.5"], 2e-4)):
+        out = tmp_path / f"cal{want:g}"
+        calibrate(run, out, ["steps=1", "ckpt_every=0", *args], progress=False)
+        assert json.loads((out / "calibrate.json").read_text())["lr"] == pytest.approx(want)
