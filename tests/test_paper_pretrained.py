@@ -217,10 +217,13 @@ def test_headline_plan_spends_16_bits_on_every_quantized_row():
         elif sp["kind"] == "baseline":
             q = finetunes[sp["train"]]
             bits[name] = math.log2(math.prod(q["levels"])) if "levels" in q else math.log2(q["codebook_size"])
-    assert {"vq", "simvq", "fsq", "lfq", "bsq", "tdc+gq", "tdc+gq+cal", "tokenbridge-tdc"} <= set(bits)
+    assert {"vq", "vq-plain", "simvq", "fsq", "lfq", "bsq", "tdc+gq", "tdc+gq+cal", "tokenbridge-tdc"} <= set(bits)
     assert all(b == 16.0 for n, b in bits.items() if n != "fsq") and 15.5 < bits["fsq"] <= 16  # [8,8,8,5,5,5] = 64,000 codes
     vq = finetunes["vq"]
     assert vq["lookup_dim"] == 8 and vq["use_cosine_sim"] and vq["rotation_trick"] and vq["kmeans_init"]
+    # the other option set for the seed-0 choice: VQ as at 12 bits, at VQ's LR
+    assert pretrained.quantizer_of(finetunes, "vq-plain") == {"name": "vq", "codebook_size": 2**16}
+    assert pretrained.lr_owner(finetunes, "vq-plain") == "vq" and rows["vq-plain"]["kind"] == "baseline"
     # dead-code threshold: half the expected hits per code per batch (8 crops x 8x8 tokens / 2^16 codes), which
     # vector-quantize-pytorch >= 1.34 expresses as a ratio of the mean cluster size
     if pretrained.vqp_has_dead_code_ratio():

@@ -143,6 +143,9 @@ def plan(scale: str) -> tuple[dict, dict]:
     }
     if "vq_lookup_dim" in s:  # large codebooks: SimVQ as a second learned-VQ baseline
         finetunes["simvq"] = {"name": "simvq", "codebook_size": K}
+        # the other option set for the seed-0 choice: VQ as at 12 bits (Euclidean, no low-dimensional lookup, no
+        # dead-code replacement), at VQ's LR
+        finetunes["vq-plain"] = {"name": "vq", "codebook_size": K, "lr_of": "vq"}
     conv = {"kind": "gq", "K": K, "m": r["m"], "beta": 1.0}
     tb = {"kind": "tokenbridge", "bits": r["tb_bits"]}
     rows = {
@@ -157,6 +160,8 @@ def plan(scale: str) -> tuple[dict, dict]:
         rows[f"{t}+gq"] = {"train": t, **conv, "key": True, "label": f"{label} fine-tune + GQ"}
     for b in [q for q in ("vq", "simvq", "fsq", "lfq", "bsq") if q in finetunes]:
         rows[b] = {"train": b, "kind": "baseline", "key": True, "label": f"(c) {'SimVQ' if b == 'simvq' else b.upper()} fine-tune"}
+    if "vq-plain" in finetunes:
+        rows["vq-plain"] = {"train": "vq-plain", "kind": "baseline", "label": "(c) VQ fine-tune, without the large-codebook options"}
     if r["tb_bits"] is not None:
         rows["tokenbridge-tdc"] = {"train": "tdc", **tb, "label": "(d) TokenBridge on the TDC fine-tune"}
         rows["tokenbridge-vanilla-fixed"] = {"train": "vanilla-fixed", **tb, "label": "(d) TokenBridge on the vanilla (fixed KL) fine-tune"}

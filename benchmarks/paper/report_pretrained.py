@@ -87,6 +87,9 @@ for _t, _name in (("tdc", "band rule"), ("tdc-ref", "authors' rule")):
                    (f"Calibration at {_m:g} x LR ({_name}) beats VQ on PSNR at equal total steps", f"{_t}+gq+cal-lrx{_m:g}", "vq", "PSNR", True),
                    (f"Calibration at {_m:g} x LR ({_name}) beats VQ on LPIPS at equal total steps", f"{_t}+gq+cal-lrx{_m:g}", "vq", "LPIPS-alex",
                     False)]
+CLAIMS += [(f"Calibrated GQ (authors' rule, 0.3 x LR) beats VQ without the large-codebook options on {_k}", "tdc-ref+gq+cal-lrx0.3",
+            "vq-plain", _k, _k == "PSNR") for _k in ("PSNR", "LPIPS-alex")]
+CLAIMS += [("VQ with the large-codebook options vs without them", "vq", "vq-plain", "PSNR", True)]
 TOLERANCES = (0.25, 1.0)  # TDC tolerances (alpha, bits) beside the default 0.5, authors' rule, calibrated
 for _a in TOLERANCES:  # issue #26 item 4: TDC's tolerance
     CLAIMS += [(f"TDC tolerance {_a:g} vs 0.5 bits (authors' rule, calibrated)", f"tdc-ref-tol{_a:g}+gq+cal", "tdc-ref+gq+cal", "PSNR", True),
