@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ca = sub.add_parser("calibrate", help="fine-tune the decoder alone on the GQ codewords of a trained run (docs/calibration.md)")
     ca.add_argument("run", metavar="RUN", help="a `gq train` output folder (config.yaml + final/) or one of its checkpoint folders")
-    ca.add_argument("overrides", nargs="*", help="key=value: steps (200), lr, batch_size, seed (default: the run's), ckpt_every (50), log_every (10)")
+    ca.add_argument("overrides", nargs="*", help="key=value: steps (200), lr (default: lr_scale x the run's optim.lr), lr_scale (0.3), "
+                                                 "batch_size, seed (default: the run's), ckpt_every (50), log_every (10)")
     ca.add_argument("--out", required=True, help="the new run folder (config.yaml, checkpoint-<step>/, final, calibrate.json)")
     ca.add_argument("--resume", default=None, help="'latest' (or a checkpoint dir of --out): continue an interrupted calibration")
     ca.add_argument("--quiet", **quiet)
