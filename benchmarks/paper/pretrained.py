@@ -168,11 +168,19 @@ def plan(scale: str) -> tuple[dict, dict]:
     # decoder calibration at equal total steps (issue #26): TDC for steps - cal_steps, then the decoder alone
     # on the GQ codewords for cal_steps; both at the LR chosen for the TDC fine-tune (no grid of their own)
     cal = s["cal_steps"]
+
+    def add_calibrated(t: str, qcfg: dict, lr_of: str, what: str, row: dict = conv, precal_row: bool = False) -> None:
+        """Fine-tunes ``t-precal`` (quantizer ``qcfg``, steps - cal) and ``t+cal`` (cal decoder steps on its GQ
+        codewords), both at ``lr_of``'s LR; the row ``t+gq+cal`` (and ``t+gq-precal``) converts them with ``row``;
+        ``what`` heads the labels."""
+        finetunes[f"{t}-precal"] = {**qcfg, "lr_of": lr_of, "steps_less": cal}
+        finetunes[f"{t}+cal"] = {"calibrate": f"{t}-precal", "cal_steps": cal, "lr_of": lr_of}
+        if precal_row:
+            rows[f"{t}+gq-precal"] = {"train": f"{t}-precal", **row, "label": f"{what}, + GQ (before calibration)"}
+        rows[f"{t}+gq+cal"] = {"train": f"{t}+cal", **row, "label": f"{what}, + GQ + {cal} calibration steps"}
+
     for t, label in (("tdc", "(b) TDC (band rule)"), ("tdc-ref", "(b) TDC (authors' rule)")):
-        finetunes[f"{t}-precal"] = {**finetunes[t], "lr_of": t, "steps_less": cal}
-        finetunes[f"{t}+cal"] = {"calibrate": f"{t}-precal", "cal_steps": cal, "lr_of": t}
-        rows[f"{t}+gq-precal"] = {"train": f"{t}-precal", **conv, "label": f"{label} fine-tune, steps - {cal}, + GQ (before calibration)"}
-        rows[f"{t}+gq+cal"] = {"train": f"{t}+cal", **conv, "label": f"{label} fine-tune, steps - {cal}, + GQ + {cal} calibration steps"}
+        add_calibrated(t, finetunes[t], t, f"{label} fine-tune, steps - {cal}", precal_row=True)
     # item 3, the calibration's own settings at equal total steps, on the authors' rule (the best calibrated row):
     # a longer calibration started from an earlier checkpoint of the same precal run (TDC for steps - n, then n
     # decoder steps), where that run keeps the checkpoint; and the calibration LR at 0.3 and 3 times the TDC
@@ -194,18 +202,12 @@ def plan(scale: str) -> tuple[dict, dict]:
                                                "label": f"{label} fine-tune, steps - {cal}, + GQ + {cal} calibration steps at {mult:g} x LR"}
     # item 4, TDC's tolerance alpha (the band's half-width around log2 K; default 0.5 bits), authors' rule, calibrated
     for tol in TOLERANCES:
-        t = f"tdc-ref-tol{tol:g}"
-        finetunes[f"{t}-precal"] = {**gq, "tdc_rule": "reference", "tolerance": float(tol), "lr_of": "tdc-ref", "steps_less": cal}
-        finetunes[f"{t}+cal"] = {"calibrate": f"{t}-precal", "cal_steps": cal, "lr_of": "tdc-ref"}
-        rows[f"{t}+gq+cal"] = {"train": f"{t}+cal", **conv,
-                               "label": f"(b) TDC (authors' rule, tolerance {tol:g} bits), steps - {cal}, + GQ + {cal} calibration steps"}
+        add_calibrated(f"tdc-ref-tol{tol:g}", {**gq, "tdc_rule": "reference", "tolerance": float(tol)}, "tdc-ref",
+                       f"(b) TDC (authors' rule, tolerance {tol:g} bits), steps - {cal}")
     # issue #26 item 2: the band rule that charges only the rate above log2 K (tdc_spend), with the library's
     # default hinge (log2 K + alpha/2); measured at equal total steps with calibration, at the TDC fine-tune's LR
-    label = "(b) TDC (band rule, spend)"
-    finetunes["tdc-spend-precal"] = {**gq, "tdc_rule": "band", "tdc_spend": True, "lr_of": "tdc", "steps_less": cal}
-    finetunes["tdc-spend+cal"] = {"calibrate": "tdc-spend-precal", "cal_steps": cal, "lr_of": "tdc"}
-    rows["tdc-spend+gq-precal"] = {"train": "tdc-spend-precal", **conv, "label": f"{label} fine-tune, steps - {cal}, + GQ (before calibration)"}
-    rows["tdc-spend+gq+cal"] = {"train": "tdc-spend+cal", **conv, "label": f"{label} fine-tune, steps - {cal}, + GQ + {cal} calibration steps"}
+    add_calibrated("tdc-spend", {**gq, "tdc_rule": "band", "tdc_spend": True}, "tdc", f"(b) TDC (band rule, spend) fine-tune, steps - {cal}",
+                   precal_row=True)
     # item 4, GQ's beta (the paper's codebook regularisation omega: the prior term's weight in the score), an
     # eval-time lever: the calibrated checkpoints converted with another beta (nothing is trained)
     for t, label in (("tdc", "(b) TDC (band rule)"), ("tdc-ref", "(b) TDC (authors' rule)")):
@@ -216,12 +218,8 @@ def plan(scale: str) -> tuple[dict, dict]:
     log2k = int(math.log2(K))
     if r["m"] % 2 == 0 and log2k % 2 == 0:
         m2, K2 = r["m"] // 2, 2 ** (log2k // 2)
-        t = f"tdc-ref-m{m2}"
-        finetunes[f"{t}-precal"] = {**gq, "codebook_size": K2, "codebook_dim": m2, "tdc_rule": "reference", "lr_of": "tdc-ref",
-                                    "steps_less": cal}
-        finetunes[f"{t}+cal"] = {"calibrate": f"{t}-precal", "cal_steps": cal, "lr_of": "tdc-ref"}
-        rows[f"{t}+gq+cal"] = {"train": f"{t}+cal", **conv, "K": K2, "m": m2,
-                               "label": f"(b) TDC (authors' rule) with m = {m2}, K = 2^{log2k // 2}, + GQ + {cal} calibration steps"}
+        add_calibrated(f"tdc-ref-m{m2}", {**gq, "codebook_size": K2, "codebook_dim": m2, "tdc_rule": "reference"}, "tdc-ref",
+                       f"(b) TDC (authors' rule) with m = {m2}, K = 2^{log2k // 2}", row={**conv, "K": K2, "m": m2})
     # item 5, TokenBridge fairly: TDC constrains what TokenBridge quantizes, each channel on its own (m = 1,
     # K = 2^(TokenBridge's bits per channel)), at the band rule's LR and the full steps
     if r["tb_bits"] is not None:

@@ -31,6 +31,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from omegaconf import OmegaConf
@@ -53,6 +54,8 @@ class CalibrationSettings:
     ckpt_every: int = 50
     log_every: int = 10
 
+    FLOAT_KEYS: ClassVar[tuple[str, ...]] = ("lr", "lr_scale")  # parsed as numbers; the other settings as whole numbers
+
     @classmethod
     def from_overrides(cls, overrides: list[str] | None) -> CalibrationSettings:
         """Parse ``key=value`` strings; ``ValueError`` naming a malformed or unknown key or a bad value."""
@@ -65,9 +68,9 @@ class CalibrationSettings:
             if key not in names:
                 raise ValueError(f"unknown calibration setting {key!r}; keys: {', '.join(sorted(names))}")
             try:
-                kw[key] = float(val) if key in ("lr", "lr_scale") else int(val)
+                kw[key] = float(val) if key in cls.FLOAT_KEYS else int(val)
             except ValueError:
-                raise ValueError(f"calibration setting {key}={val!r} is not a {'number' if key in ('lr', 'lr_scale') else 'whole number'}") from None
+                raise ValueError(f"calibration setting {key}={val!r} is not a {'number' if key in cls.FLOAT_KEYS else 'whole number'}") from None
         return cls(**kw).checked()
 
     def checked(self) -> CalibrationSettings:
