@@ -94,6 +94,16 @@ def test_axes_name_runs_and_results_and_keep_the_old_names(tmp_path):
             pretrained.main(["--scale", "tiny", "--report-only", "--out", str(tmp_path), *bad])
 
 
+def test_default_out_keeps_each_backbone_in_its_own_folder():
+    pretrained, _ = _modules()
+    here = SCRIPT.parent
+    # tiny and its rate-distortion scales share one folder (one pretrained VAE, one LR grid); the headline backbone
+    # must not write its LR grid into tiny's results/
+    assert {pretrained.default_out(s) for s in ("tiny", "tiny-b8", "tiny-b16")} == {here / "from_pretrained"}
+    assert pretrained.default_out("headline") == here / "from_pretrained_headline"
+    assert pretrained.default_out("smoke") != pretrained.default_out("smoke-headline")
+
+
 def test_chosen_lr_is_the_best_seed0_key_row_once_the_grid_is_complete(tmp_path):
     pretrained, report_pretrained = _modules()
     finetunes, rows = pretrained.plan("smoke")

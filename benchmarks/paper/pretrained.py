@@ -479,12 +479,20 @@ def _command() -> str:
     return "python benchmarks/paper/pretrained.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+def default_out(scale: str) -> Path:
+    """Where a scale's runs and results live by default: ``from_pretrained`` for ``tiny`` and the scales that share its
+    pretrained VAE, ``from_pretrained_<scale>`` otherwise (the default campaign's results/ holds one scale's LR grid)."""
+    family = SCALES[scale].get("pretrain_of", scale)
+    return HERE / ("from_pretrained" if family == "tiny" else f"from_pretrained_{family}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", choices=sorted(SCALES), default="tiny")
     p.add_argument("--seeds", type=int, default=None, help="seeds (default: 3 at tiny, 1 at smoke)")
     p.add_argument("--only", default=None, help="comma-separated rows or fine-tune names (pretrain, tdc, tdc-ref, vq, ...)")
-    p.add_argument("--out", default=str(HERE / "from_pretrained"), help="output folder (runs/, results/, RESULTS.md, plots)")
+    p.add_argument("--out", default=None, help="output folder (runs/, results/, RESULTS.md, plots; default: from_pretrained for "
+                   "tiny and its rate-distortion scales, from_pretrained_<scale> for any other scale)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--budget-min", type=float, default=None, help="stop starting new trainings after this many minutes")
     p.add_argument("--threads", type=int, default=None)
@@ -496,6 +504,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", default=None, help="comma-separated total training lengths (default: the scale's steps)")
     p.add_argument("--campaign", default=None, help="keep results apart under <out>/campaigns/NAME (LRs from the default campaign)")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = str(default_out(args.scale))
     if args.seeds is None:
         args.seeds = SCALES[args.scale]["seeds"]
     args.pretrain_seeds = _ints(args.pretrain_seeds, "--pretrain-seeds")
