@@ -234,6 +234,8 @@ def test_headline_plan_spends_16_bits_on_every_quantized_row():
     # the other option set for the seed-0 choice: VQ as at 12 bits, at VQ's LR
     assert pretrained.quantizer_of(finetunes, "vq-plain") == {"name": "vq", "codebook_size": 2**16}
     assert pretrained.lr_owner(finetunes, "vq-plain") == "vq" and rows["vq-plain"]["kind"] == "baseline"
+    assert pretrained.quantizer_of(finetunes, "vq-kinit") == {**pretrained.quantizer_of(finetunes, "vq"), "kmeans_init_vectors": 2**16}
+    assert pretrained.lr_owner(finetunes, "vq-kinit") == "vq" and rows["vq-kinit"]["kind"] == "baseline"
     # dead-code threshold: half the expected hits per code per batch (8 crops x 8x8 tokens / 2^16 codes), which
     # vector-quantize-pytorch >= 1.34 expresses as a ratio of the mean cluster size
     if pretrained.vqp_has_dead_code_ratio():

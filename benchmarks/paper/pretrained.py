@@ -146,6 +146,9 @@ def plan(scale: str) -> tuple[dict, dict]:
         # the other option set for the seed-0 choice: VQ as at 12 bits (Euclidean, no low-dimensional lookup, no
         # dead-code replacement), at VQ's LR
         finetunes["vq-plain"] = {"name": "vq", "codebook_size": K, "lr_of": "vq"}
+        # and the large-codebook options with the k-means init fed K encoder latents before the first step
+        # (vector-quantize-pytorch's own init sees one batch: 512 vectors at headline, 2048 at tiny-b16)
+        finetunes["vq-kinit"] = {**finetunes["vq"], "kmeans_init_vectors": K, "lr_of": "vq"}
     conv = {"kind": "gq", "K": K, "m": r["m"], "beta": 1.0}
     tb = {"kind": "tokenbridge", "bits": r["tb_bits"]}
     rows = {
@@ -162,6 +165,8 @@ def plan(scale: str) -> tuple[dict, dict]:
         rows[b] = {"train": b, "kind": "baseline", "key": True, "label": f"(c) {'SimVQ' if b == 'simvq' else b.upper()} fine-tune"}
     if "vq-plain" in finetunes:
         rows["vq-plain"] = {"train": "vq-plain", "kind": "baseline", "label": "(c) VQ fine-tune, without the large-codebook options"}
+        rows["vq-kinit"] = {"train": "vq-kinit", "kind": "baseline",
+                            "label": f"(c) VQ fine-tune, large-codebook options, k-means init on {K} encoder latents"}
     if r["tb_bits"] is not None:
         rows["tokenbridge-tdc"] = {"train": "tdc", **tb, "label": "(d) TokenBridge on the TDC fine-tune"}
         rows["tokenbridge-vanilla-fixed"] = {"train": "vanilla-fixed", **tb, "label": "(d) TokenBridge on the vanilla (fixed KL) fine-tune"}

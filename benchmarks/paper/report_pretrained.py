@@ -91,7 +91,10 @@ CLAIMS += [(f"Calibrated GQ (authors' rule, 0.3 x LR, gq calibrate's default) be
             _k == "PSNR") for _b in ("fsq", "lfq", "bsq") for _k in ("PSNR", "LPIPS-alex")]
 CLAIMS += [(f"Calibrated GQ (authors' rule, 0.3 x LR) beats VQ without the large-codebook options on {_k}", "tdc-ref+gq+cal-lrx0.3",
             "vq-plain", _k, _k == "PSNR") for _k in ("PSNR", "LPIPS-alex")]
-CLAIMS += [("VQ with the large-codebook options vs without them", "vq", "vq-plain", "PSNR", True)]
+CLAIMS += [("VQ with the large-codebook options vs without them", "vq", "vq-plain", "PSNR", True),
+           ("VQ: k-means init on K encoder latents vs on the first batch", "vq-kinit", "vq", "PSNR", True)]
+CLAIMS += [(f"Calibrated GQ (authors' rule, 0.3 x LR) beats VQ with the k-means init on K latents on {_k}", "tdc-ref+gq+cal-lrx0.3",
+            "vq-kinit", _k, _k == "PSNR") for _k in ("PSNR", "LPIPS-alex")]
 TOLERANCES = (0.25, 1.0)  # TDC tolerances (alpha, bits) beside the default 0.5, authors' rule, calibrated
 for _a in TOLERANCES:  # issue #26 item 4: TDC's tolerance
     CLAIMS += [(f"TDC tolerance {_a:g} vs 0.5 bits (authors' rule, calibrated)", f"tdc-ref-tol{_a:g}+gq+cal", "tdc-ref+gq+cal", "PSNR", True),

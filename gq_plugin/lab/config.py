@@ -87,7 +87,7 @@ def load_config(cfg: DictConfig | dict | str | os.PathLike, overrides: list[str]
 BASELINE_KEYS = ("bits_per_token", "levels", "bits", "aux_weight", "kmeans_init", "decay", "commitment_weight",
                  "entropy_loss_weight", "frac_per_sample_entropy", "scale", "quant_min", "quant_max", "std_range",
                  "lookup_dim", "use_cosine_sim", "rotation_trick", "threshold_ema_dead_code", "kmeans_iters",
-                 "dead_code_threshold_ratio")
+                 "dead_code_threshold_ratio", "kmeans_init_vectors")
 
 
 def gq_recipe_settings(qcfg) -> dict:

@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..rate import band_statistics
+from .codebook_init import init_baseline_codebook
 from .config import load_config
 from .losses import ReconstructionLoss
 from .models import build_model
@@ -218,6 +219,9 @@ def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = Non
 
     if state is not None:
         _restore_state(acc, state, opt, disc, opt_d)
+    else:  # a baseline that asks for k-means on N >= K encoder latents (not the first batch) gets it now
+        init_baseline_codebook(acc.unwrap_model(wrapper), dataset, int(tcfg.batch_size), int(cfg.seed), acc.device,
+                               progress=progress and acc.is_local_main_process)
 
     steps = int(tcfg.steps)
     log_every, ckpt_every = int(tcfg.get("log_every", 25)), int(tcfg.get("ckpt_every", 0) or 0)

@@ -70,13 +70,22 @@ class BaselineQuantizer(nn.Module, abc.ABC):
 
 
 class VQBaseline(BaselineQuantizer):
-    """``VectorQuantize`` (EMA codebook, k-means init on the first batch)."""
+    """``VectorQuantize`` (EMA codebook, k-means init on the first batch).
+
+    ``kmeans_init_vectors = N > 0`` asks the trainer to run the k-means init on N encoder latents before
+    the first step instead (:meth:`init_codebook`; at least K of them, so that a large codebook does not
+    start as duplicates of one batch's few hundred vectors)."""
 
     name = "vq"
 
     def __init__(self, channels: int, codebook_size: int, codebook_dim: int | None = None, decay: float = 0.8,
-                 kmeans_init: bool = True, commitment_weight: float = 1.0, **kwargs) -> None:
+                 kmeans_init: bool = True, commitment_weight: float = 1.0, kmeans_init_vectors: int = 0, **kwargs) -> None:
         super().__init__(channels)
+        kmeans_init_vectors = int(kmeans_init_vectors or 0)
+        if kmeans_init_vectors < 0 or (kmeans_init_vectors and not kmeans_init):
+            raise ValueError(f"kmeans_init_vectors must be >= 0 and needs kmeans_init=True, got {kmeans_init_vectors} "
+                             f"(kmeans_init={kmeans_init})")
+        self.kmeans_init_vectors = kmeans_init_vectors
         self.q = _vqp().VectorQuantize(dim=channels, codebook_size=codebook_size, codebook_dim=codebook_dim, decay=decay,
                                        kmeans_init=kmeans_init, commitment_weight=commitment_weight, accept_image_fmap=True, **kwargs)
         self.codebook_size = codebook_size
@@ -90,6 +99,15 @@ class VQBaseline(BaselineQuantizer):
     def decode_indices(self, indices):
         return self.q.get_output_from_indices(indices.long())
 
+    def init_codebook(self, z: torch.Tensor) -> None:
+        """k-means init of the codebook on latents ``z`` ``(B, C, H, W)`` (every position a vector), through
+        the layer's own projection and codebook (:func:`~gq_plugin.lab.baselines.kmeans.init_codebook_`,
+        chunked, so N >= K = 2^16 vectors fit in memory)."""
+        from .kmeans import init_codebook_
+
+        _check_fmap(z, self.channels)
+        init_codebook_(self.q, z.permute(0, 2, 3, 1).reshape(-1, self.channels), self.channels)
+
 
 class SimVQBaseline(VQBaseline):
     """``SimVQ`` (Zhu et al. 2024): a frozen random codebook through a learned linear map (no EMA, no
@@ -100,6 +118,7 @@ class SimVQBaseline(VQBaseline):
 
     def __init__(self, channels: int, codebook_size: int, rotation_trick: bool = True, commitment_weight: float = 1.0, **kwargs) -> None:
         BaselineQuantizer.__init__(self, channels)
+        self.kmeans_init_vectors = 0  # a frozen random codebook: no k-means init
         self.q = _vqp().SimVQ(dim=channels, codebook_size=codebook_size, channel_first=True, rotation_trick=rotation_trick,
                               commitment_weight=commitment_weight, **kwargs)
         self.codebook_size, self.bits_per_token = codebook_size, math.log2(codebook_size)
