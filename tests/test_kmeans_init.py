@@ -6,12 +6,12 @@ import torch
 vqp = pytest.importorskip("vector_quantize_pytorch")
 vqp_mod = pytest.importorskip("vector_quantize_pytorch.vector_quantize_pytorch")
 
-from gq_plugin.lab.baselines.kmeans import chunked_kmeans, init_codebook_  # noqa: E402
-from gq_plugin.lab.baselines.vqp import SimVQBaseline, VQBaseline  # noqa: E402
+from gq_plugin.lab.baselines.kmeans import chunked_kmeans, init_codebook_
+from gq_plugin.lab.baselines.vqp import SimVQBaseline, VQBaseline
 
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
-from test_train_cli import photo_dir, write_recipe  # noqa: E402, F401  (the trainer tests' photo fixture and recipe writer)
+from test_train_cli import photo_dir, write_recipe  # noqa: F401  (the trainer tests' photo fixture and recipe writer)
 
 
 @pytest.mark.parametrize("cosine", [False, True])
@@ -71,7 +71,7 @@ def test_kmeans_init_vectors_is_checked():
     assert SimVQBaseline(4, 32).kmeans_init_vectors == 0
 
 
-def test_train_inits_the_codebook_on_n_latents_once_and_not_on_resume(photo_dir, tmp_path, monkeypatch):
+def test_train_inits_the_codebook_on_n_latents_once_and_not_on_resume(photo_dir, tmp_path, monkeypatch):  # noqa: F811
     from gq_plugin.lab.cli import main as gq_main
 
     calls = []
