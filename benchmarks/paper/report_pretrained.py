@@ -218,7 +218,9 @@ def write_section(out: Path, scale: str, rows: dict, finetunes: dict, s: dict, s
     path = out / "RESULTS.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(L))
-    if not campaign:  # a campaign's tables stay in its own RESULTS.md
+    # a campaign's tables stay in its own RESULTS.md, and so do those of a scale with its own folder (headline:
+    # from_pretrained_headline); benchmarks/paper/RESULTS.md summarises the tiny protocol only
+    if not campaign and out.name != f"from_pretrained_{scale}":
         (out / "block.md").write_text("\n".join(block) + "\n")
         _embed(out.parent / "RESULTS.md", block)
     return path
