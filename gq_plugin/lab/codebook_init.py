@@ -13,14 +13,6 @@ import torch
 from tqdm.auto import tqdm
 
 
-def _images(batch):
-    if isinstance(batch, (list, tuple)):
-        return batch[0]
-    if isinstance(batch, dict):
-        return batch["image"]
-    return batch
-
-
 @torch.no_grad()
 def collect_latents(wrapper, dataset, n: int, batch_size: int, seed: int, device=None, progress: bool = True) -> torch.Tensor:
     """At least ``n`` latent vectors (the posterior means the baseline quantizes) as ``(B, C, h, w)``.
@@ -31,6 +23,7 @@ def collect_latents(wrapper, dataset, n: int, batch_size: int, seed: int, device
     from torch.utils.data import DataLoader, RandomSampler
 
     from ..adapters.wrapper import posterior_of
+    from .data import images_of
 
     if n < 1:
         raise ValueError(f"kmeans_init_vectors must be >= 1, got {n}")
@@ -45,11 +38,12 @@ def collect_latents(wrapper, dataset, n: int, batch_size: int, seed: int, device
     try:
         while seen < n:
             for batch in loader:
-                x = _images(batch).to(device) if device is not None else _images(batch)
-                z = posterior_of(wrapper.model.encode(x)).mean
+                x = images_of(batch)
+                z = posterior_of(wrapper.model.encode(x if device is None else x.to(device))).mean
                 out.append(z.float())
-                seen += z.shape[0] * z.shape[2] * z.shape[3]
-                bar.update(min(z.shape[0] * z.shape[2] * z.shape[3], max(0, n - bar.n)))
+                positions = z[:, 0].numel()  # one vector per latent position
+                bar.update(min(positions, n - seen))
+                seen += positions
                 if seen >= n:
                     break
     finally:
@@ -67,4 +61,4 @@ def init_baseline_codebook(wrapper, dataset, batch_size: int, seed: int, device=
         return 0
     z = collect_latents(wrapper, dataset, n, batch_size, seed, device, progress)
     q.init_codebook(z)
-    return z.shape[0] * z.shape[2] * z.shape[3]
+    return z[:, 0].numel()

@@ -35,14 +35,6 @@ from .models import build_model
 from .schedule import lr_at, set_lr
 
 
-def _images(batch):
-    if isinstance(batch, (list, tuple)):
-        return batch[0]
-    if isinstance(batch, dict):
-        return batch["image"]
-    return batch
-
-
 def _rates_of(out, wrapper=None):
     """Per-group rates of the batch: the GQ posterior's, else the vanilla bottleneck's ``last_rates``."""
     post = out.posterior
@@ -160,7 +152,7 @@ def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = Non
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from .data import ResumableSampler
+    from .data import ResumableSampler, images_of
 
     cfg = load_config(cfg, overrides)
     tcfg, qcfg = cfg.train, cfg.quantizer
@@ -239,7 +231,7 @@ def train(cfg: DictConfig | str | os.PathLike, overrides: list[str] | None = Non
     t0 = time.time()
     wrapper.train()
     while step < steps:
-        x = _images(next(batches))
+        x = images_of(next(batches))
         set_lr(opt, lr_at(step, steps, float(ocfg.lr), ocfg.lr_schedule, float(ocfg.lr_final_frac)))
         out, loss, rec, logs = autoencoder_step(acc, wrapper, loss_fn, opt, params, x, step, reg_weight, ocfg.get("grad_clip"), last_layer)
         if not acc.sync_gradients:

@@ -7,7 +7,7 @@ Command line (``gq data`` adds :func:`add_data_commands` and calls :func:`run_da
     python -m gq_plugin.lab.data list
 """
 
-from .dataset import PhotoDataset, ResumableSampler, list_images, split_by_photo
+from .dataset import PhotoDataset, ResumableSampler, images_of, list_images, split_by_photo
 from .extract import edj_largest_jpeg, rcc_entries
 from .photos import add_data_commands, ensure_photos, fetch_main, fetch_photos, run_data, wheel_photos
 from .sources import DEBIAN_SOURCES, IMAGE_EXTENSIONS, MANIFEST, PHOTO_SETS, DebianSource, default_data_dir
@@ -26,6 +26,7 @@ __all__ = [
     "ensure_photos",
     "fetch_main",
     "fetch_photos",
+    "images_of",
     "list_images",
     "rcc_entries",
     "run_data",

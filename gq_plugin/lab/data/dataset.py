@@ -197,6 +197,15 @@ class PhotoDataset(torch.utils.data.Dataset):
         )
 
 
+def images_of(batch) -> torch.Tensor:
+    """The image tensor of a DataLoader batch: a bare tensor, the first item of a tuple / list, or ``batch["image"]``."""
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    if isinstance(batch, dict):
+        return batch["image"]
+    return batch
+
+
 def _mix(*values: int) -> int:
     """A 63-bit seed from a tuple of non-negative ints (numpy's SeedSequence hashing)."""
     return int(np.random.SeedSequence(list(values)).generate_state(1, np.uint64)[0] >> np.uint64(1))
