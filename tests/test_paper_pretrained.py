@@ -104,6 +104,22 @@ def test_default_out_keeps_each_backbone_in_its_own_folder():
     assert pretrained.default_out("smoke") != pretrained.default_out("smoke-headline")
 
 
+def test_only_tiny_protocol_reports_are_summarised_in_the_paper_results(tmp_path):
+    """benchmarks/paper/RESULTS.md embeds tiny's block; a campaign or a scale in its own default folder keeps its tables."""
+    from types import SimpleNamespace
+
+    pretrained, _ = _modules()
+
+    def args(scale, out=None, campaign=None):
+        return SimpleNamespace(scale=scale, out=str(out or pretrained.default_out(scale)), campaign=campaign)
+
+    assert pretrained.summarises(args("tiny"))
+    assert not pretrained.summarises(args("tiny", campaign="h26"))
+    assert not pretrained.summarises(args("tiny-b16", campaign="h26-b16"))
+    assert not pretrained.summarises(args("headline"))
+    assert pretrained.summarises(args("headline", out=tmp_path / "elsewhere"))
+
+
 def test_chosen_lr_is_the_best_seed0_key_row_once_the_grid_is_complete(tmp_path):
     pretrained, report_pretrained = _modules()
     finetunes, rows = pretrained.plan("smoke")

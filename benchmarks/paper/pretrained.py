@@ -450,9 +450,17 @@ def report(args, rows: dict, finetunes: dict, log=print) -> int:
     points = [(ps, n) for ps in args.pretrain_seeds for n in args.steps]
     best = chosen_lr(Path(args.out), finetunes, rows, SCALES[args.scale])
     path = write_section(Path(args.results), args.scale, rows, finetunes, SCALES[args.scale], args.seeds, _command(), bench.machine(),
-                         best=best, points=points, campaign=args.campaign)
+                         best=best, points=points, campaign=args.campaign, summarise=summarises(args))
     log(f"wrote {path}")
     return 0
+
+
+def summarises(args) -> bool:
+    """Whether the report's block goes into ``benchmarks/paper/RESULTS.md``, which summarises the tiny protocol only: not
+    for a campaign (its tables stay in its own RESULTS.md), nor for a scale written to its own default folder
+    (``default_out``: headline -> from_pretrained_headline)."""
+    own = default_out(args.scale)
+    return not args.campaign and (own == HERE / "from_pretrained" or Path(args.out).resolve() != own.resolve())
 
 
 def estimate(args) -> int:

@@ -125,12 +125,13 @@ def _verdicts(res: dict) -> list[str]:
 
 
 def write_section(out: Path, scale: str, rows: dict, finetunes: dict, s: dict, seeds: int, cmd: str, machine: str, best: dict,
-                  points: list[tuple[int, int]] | None = None, campaign: str | None = None) -> Path:
+                  points: list[tuple[int, int]] | None = None, campaign: str | None = None, summarise: bool = True) -> Path:
     """Write ``<out>/RESULTS.md`` (and ``block.md``) from the result files under ``<out>/results``.
 
     ``best``: the chosen LR per fine-tune (``pretrained.chosen_lr``); ``points``: the (pretrain seed,
     total steps) points to report, each with its own table and paired verdicts (default: seed 0 at the
-    scale's steps); ``campaign``: the campaign's name (its LRs come from the default campaign's grid)."""
+    scale's steps); ``campaign``: the campaign's name (its LRs come from the default campaign's grid);
+    ``summarise``: also write ``block.md`` and embed it in ``benchmarks/paper/RESULTS.md`` (``pretrained.summarises``)."""
     out = Path(out)
     points = points or [(0, s["steps"])]
     rt = rate_of(s)
@@ -218,9 +219,7 @@ def write_section(out: Path, scale: str, rows: dict, finetunes: dict, s: dict, s
     path = out / "RESULTS.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(L))
-    # a campaign's tables stay in its own RESULTS.md, and so do those of a scale with its own folder (headline:
-    # from_pretrained_headline); benchmarks/paper/RESULTS.md summarises the tiny protocol only
-    if not campaign and out.name != f"from_pretrained_{scale}":
+    if summarise:
         (out / "block.md").write_text("\n".join(block) + "\n")
         _embed(out.parent / "RESULTS.md", block)
     return path
