@@ -33,16 +33,23 @@ def test_plan_spends_equal_bits_on_every_quantized_row():
     finetunes, rows = pretrained.plan("tiny")
     C = pretrained.SCALES["tiny"]["model"]["latent_channels"]
     assert C == pretrained.C == 6 and pretrained.SCALES["tiny"]["steps"] >= 1200
-    bits = {}
+    bits, own = {}, {}
     for r, sp in rows.items():
+        b = own if sp.get("own_rate") else bits  # TokenBridge's own rate: a pair of its own, not at equal bits
         if sp["kind"] == "gq":
-            bits[r] = (C // sp["m"]) * math.log2(sp["K"])
+            b[r] = (C // sp["m"]) * math.log2(sp["K"])
         elif sp["kind"] == "tokenbridge":
-            bits[r] = sp["bits"] * C
+            b[r] = sp["bits"] * C
         elif sp["kind"] == "baseline":
             q = finetunes[sp["train"]]
-            bits[r] = math.log2(math.prod(q["levels"])) if "levels" in q else math.log2(q["codebook_size"])
+            b[r] = math.log2(math.prod(q["levels"])) if "levels" in q else math.log2(q["codebook_size"])
     assert set(bits.values()) == {12.0}, bits
+    # item 5 at TokenBridge's own 6 bits per channel: TDC per channel with K = 2^6 against the vanilla fine-tune and
+    # the pretrained VAE, every one through TokenBridge at 6 bits x 6 channels
+    assert own == {"tdc-tb6+gq": 36.0, "tokenbridge-b6-pre": 36.0, "tokenbridge-b6-vanilla-fixed": 36.0, "tokenbridge-b6-tdc-tb6": 36.0}
+    assert [rows[f"tokenbridge-b6-{t}"]["train"] for t in ("pre", "vanilla-fixed", "tdc-tb6")] == ["pretrain", "vanilla-fixed", "tdc-tb6"]
+    tb6 = pretrained.quantizer_of(finetunes, "tdc-tb6")
+    assert (tb6["codebook_size"], tb6["codebook_dim"], tb6["tdc_rule"]) == (64, 1, "band") and pretrained.lr_owner(finetunes, "tdc-tb6") == "tdc"
     assert {"pre+gq", "tdc+gq", "tdc-ref+gq", "vanilla-fixed+gq", "vanilla-matched+gq", "vq", "fsq", "lfq", "bsq",
             "tokenbridge-pre", "tokenbridge-tdc", "tokenbridge-vanilla-fixed"} <= set(bits)
     # the paper's vanilla keeps the pretraining's fixed KL weight; the rate-matched one only moves lam
@@ -204,7 +211,7 @@ def test_campaign_with_two_pretrained_vaes_and_calibration(tmp_path):
             p.parent.mkdir(parents=True)
             p.write_text(json.dumps({"metrics": {"PSNR": v}}))
     cmd = [sys.executable, str(SCRIPT), "--scale", "smoke", "--out", str(out), "--campaign", "c1", "--pretrain-seeds", "0,1",
-           "--only", "pre,tdc+gq-precal,tdc+gq+cal,vq", "--quiet"]
+           "--only", "pre,tdc+gq-precal,tdc+gq+cal,vq,tokenbridge-b6-tdc-tb6", "--quiet"]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = out / "runs" / "smoke"
@@ -220,6 +227,11 @@ def test_campaign_with_two_pretrained_vaes_and_calibration(tmp_path):
         assert (res["pretrain_seed"], res["steps"], res["calibration_steps"], res["campaign"]) == (ps, s["steps"], 1, "c1")
         vq = json.loads((out / "campaigns" / "c1" / "results" / f"vq@lr0.0001{tag}" / "seed0.json").read_text())
         assert (vq["pretrain_seed"], vq["steps"]) == (ps, s["steps"]) and math.isfinite(vq["metrics"]["PSNR"])
+        # TokenBridge at its own 6 bits per channel on a per-channel TDC fine-tune with K = 2^6 (at TDC's LR)
+        tb6 = json.loads((out / "campaigns" / "c1" / "results" / f"tokenbridge-b6-tdc-tb6@lr0.0003{tag}" / "seed0.json").read_text())
+        assert tb6["bpp"] == pytest.approx(6 * 6 / 16) and tb6["codebook_size"] == 64 and math.isfinite(tb6["metrics"]["PSNR"])
+        tinfo = json.loads((runs / f"tdc-tb6-lr0.0003-seed0{suffix}" / "train.json").read_text())
+        assert (tinfo["quantizer"]["codebook_size"], tinfo["quantizer"]["codebook_dim"]) == (64, 1)
     text = (out / "campaigns" / "c1" / "RESULTS.md").read_text()
     assert "## Pretrain seed 1, 3 steps: rows at the chosen LRs" in text and "campaign `c1`" in text
     assert "Calibration (band rule): GQ + calibration beats VQ on PSNR at equal total steps: **" in text
@@ -236,7 +248,9 @@ def test_headline_plan_spends_16_bits_on_every_quantized_row():
     assert (r["K"], r["m"], r["bpp"], r["tb_bits"]) == (2**16, 16, 0.25, 1)
     bits = {}
     for name, sp in rows.items():
-        if sp["kind"] == "gq":
+        if sp.get("own_rate"):  # TokenBridge at its own 6 bits per channel (96 bits per token), a pair of its own
+            assert (sp.get("bits") or math.log2(sp["K"])) == 6, name
+        elif sp["kind"] == "gq":
             bits[name] = (16 // sp["m"]) * math.log2(sp["K"])
         elif sp["kind"] == "tokenbridge":
             bits[name] = sp["bits"] * 16

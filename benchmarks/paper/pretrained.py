@@ -14,7 +14,8 @@
 3. **Evaluate** on held-out crops: continuous rows, GQ conversions (K = 2^12, m = 6: one index per
    token), the baselines' quantized reconstructions, and TokenBridge post-training quantisation
    (2 bits x 6 channels) of the pretrained VAE, of the TDC VAE and of the vanilla-fixed VAE. ``pre+gq``
-   is the GQ conversion with no fine-tuning at all.
+   is the GQ conversion with no fine-tuning at all. TokenBridge also runs at its own 6 bits per channel
+   (``tokenbridge-b6-…``, on a per-channel TDC fine-tune with K = 2^6): a pair outside the equal-bits rows.
 
 LR selection: every method runs every LR of the grid on seed 0; the LR with the best seed-0 PSNR of
 the method's own quantized row is then used for the other seeds (disclosed in RESULTS.md; the
@@ -53,7 +54,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run as bench  # noqa: E402  benchmarks/paper/run.py (puts this checkout's gq_plugin on sys.path)
-from report_pretrained import BETAS, CAL_LR_MULTS, CAL_SPLIT_LR_MULTS, CAL_SPLITS, TOLERANCES, lr_tag, point_tag, rate_of  # noqa: E402  (result-folder names and bit budget, shared with the report)
+from report_pretrained import BETAS, CAL_LR_MULTS, CAL_SPLIT_LR_MULTS, CAL_SPLITS, TB_OWN_BITS, TOLERANCES, lr_tag, point_tag, rate_of  # noqa: E402  (result-folder names and bit budget, shared with the report)
 
 BITS = 12  # bits per token for every quantized row
 C = 6  # latent channels: 12 bits = GQ 2^12 x 1 group = VQ 2^12 = FSQ [8,8,8,8] = LFQ/BSQ 12 bits = TokenBridge 2 bits x 6 ch
@@ -233,6 +234,20 @@ def plan(scale: str) -> tuple[dict, dict]:
         rows["tdc-tb+gq"] = {"train": "tdc-tb", **conv, "K": 2 ** r["tb_bits"], "m": 1,
                              "label": f"(b) TDC (band rule) per channel (m = 1, K = 2^{r['tb_bits']}) fine-tune + GQ"}
         rows["tokenbridge-tdc-tb"] = {"train": "tdc-tb", **tb, "label": "(d) TokenBridge on the per-channel TDC fine-tune"}
+    # item 5 at TokenBridge's own rate (its released setting, 6 bits = 64 levels per channel), where its table is
+    # fine rather than 1-2 levels wide: TDC per channel with K = 2^6, against the same vanilla fine-tune and the
+    # pretrained VAE, all through TokenBridge at 6 bits per channel. Not equal bits with the other rows (see their
+    # bpp): a TokenBridge-only pair, marked ``own_rate``
+    nb = TB_OWN_BITS
+    if r["tb_bits"] is not None and r["tb_bits"] != nb:
+        finetunes[f"tdc-tb{nb}"] = {**gq, "codebook_size": 2 ** nb, "codebook_dim": 1, "tdc_rule": "band", "lr_of": "tdc"}
+        tbn = {"kind": "tokenbridge", "bits": nb, "own_rate": True}
+        rows[f"tdc-tb{nb}+gq"] = {"train": f"tdc-tb{nb}", **conv, "K": 2 ** nb, "m": 1, "own_rate": True,
+                                  "label": f"(b) TDC (band rule) per channel (m = 1, K = 2^{nb}) fine-tune + GQ"}
+        for t, what in (("pretrain", "the pretrained VAE"), ("vanilla-fixed", "the vanilla (fixed KL) fine-tune"),
+                        (f"tdc-tb{nb}", f"the per-channel TDC (K = 2^{nb}) fine-tune")):
+            rows[f"tokenbridge-b{nb}-{'pre' if t == 'pretrain' else t}"] = {"train": t, **tbn,
+                                                                           "label": f"(d) TokenBridge at {nb} bits per channel on {what}"}
     return finetunes, rows
 
 
