@@ -46,7 +46,10 @@ def test_plan_spends_equal_bits_on_every_quantized_row():
     assert set(bits.values()) == {12.0}, bits
     # item 5 at TokenBridge's own 6 bits per channel: TDC per channel with K = 2^6 against the vanilla fine-tune and
     # the pretrained VAE, every one through TokenBridge at 6 bits x 6 channels
-    assert own == {"tdc-tb6+gq": 36.0, "tokenbridge-b6-pre": 36.0, "tokenbridge-b6-vanilla-fixed": 36.0, "tokenbridge-b6-tdc-tb6": 36.0}
+    assert own == {r: 36.0 for r in ("tdc-tb6+gq", "tdc-ref-tb6+gq", "tokenbridge-b6-pre", "tokenbridge-b6-vanilla-fixed",
+                                     "tokenbridge-b6-tdc-tb6", "tokenbridge-b6-tdc-ref-tb6")}
+    ref6 = pretrained.quantizer_of(finetunes, "tdc-ref-tb6")
+    assert (ref6["codebook_size"], ref6["codebook_dim"], ref6["tdc_rule"]) == (64, 1, "reference") and pretrained.lr_owner(finetunes, "tdc-ref-tb6") == "tdc-ref"
     assert [rows[f"tokenbridge-b6-{t}"]["train"] for t in ("pre", "vanilla-fixed", "tdc-tb6")] == ["pretrain", "vanilla-fixed", "tdc-tb6"]
     tb6 = pretrained.quantizer_of(finetunes, "tdc-tb6")
     assert (tb6["codebook_size"], tb6["codebook_dim"], tb6["tdc_rule"]) == (64, 1, "band") and pretrained.lr_owner(finetunes, "tdc-tb6") == "tdc"
@@ -84,6 +87,10 @@ def test_plan_spends_equal_bits_on_every_quantized_row():
     tb = pretrained.quantizer_of(finetunes, "tdc-tb")
     assert (tb["codebook_size"], tb["codebook_dim"], tb["tdc_rule"]) == (4, 1, "band") and pretrained.lr_owner(finetunes, "tdc-tb") == "tdc"
     assert rows["tokenbridge-tdc-tb"]["train"] == "tdc-tb" and bits["tokenbridge-tdc-tb"] == bits["tdc-tb+gq"] == 12.0
+    # and with the authors' rule, at its LR
+    ref = pretrained.quantizer_of(finetunes, "tdc-ref-tb")
+    assert (ref["codebook_size"], ref["codebook_dim"], ref["tdc_rule"]) == (4, 1, "reference") and pretrained.lr_owner(finetunes, "tdc-ref-tb") == "tdc-ref"
+    assert rows["tokenbridge-tdc-ref-tb"]["train"] == "tdc-ref-tb" and bits["tokenbridge-tdc-ref-tb"] == bits["tdc-ref-tb+gq"] == 12.0
 
 
 def test_axes_name_runs_and_results_and_keep_the_old_names(tmp_path):

@@ -234,6 +234,11 @@ def plan(scale: str) -> tuple[dict, dict]:
         rows["tdc-tb+gq"] = {"train": "tdc-tb", **conv, "K": 2 ** r["tb_bits"], "m": 1,
                              "label": f"(b) TDC (band rule) per channel (m = 1, K = 2^{r['tb_bits']}) fine-tune + GQ"}
         rows["tokenbridge-tdc-tb"] = {"train": "tdc-tb", **tb, "label": "(d) TokenBridge on the per-channel TDC fine-tune"}
+        # the same with the authors' rule, which spends the per-channel budget where the band rule leaves bits unspent
+        finetunes["tdc-ref-tb"] = {**finetunes["tdc-tb"], "tdc_rule": "reference", "lr_of": "tdc-ref"}
+        rows["tdc-ref-tb+gq"] = {**rows["tdc-tb+gq"], "train": "tdc-ref-tb",
+                                 "label": f"(b) TDC (authors' rule) per channel (m = 1, K = 2^{r['tb_bits']}) fine-tune + GQ"}
+        rows["tokenbridge-tdc-ref-tb"] = {"train": "tdc-ref-tb", **tb, "label": "(d) TokenBridge on the per-channel TDC (authors' rule) fine-tune"}
     # item 5 at TokenBridge's own rate (its released setting, 6 bits = 64 levels per channel), where its table is
     # fine rather than 1-2 levels wide: TDC per channel with K = 2^6, against the same vanilla fine-tune and the
     # pretrained VAE, all through TokenBridge at 6 bits per channel. Not equal bits with the other rows (see their
@@ -241,11 +246,14 @@ def plan(scale: str) -> tuple[dict, dict]:
     nb = TB_OWN_BITS
     if r["tb_bits"] is not None and r["tb_bits"] != nb:
         finetunes[f"tdc-tb{nb}"] = {**gq, "codebook_size": 2 ** nb, "codebook_dim": 1, "tdc_rule": "band", "lr_of": "tdc"}
+        finetunes[f"tdc-ref-tb{nb}"] = {**finetunes[f"tdc-tb{nb}"], "tdc_rule": "reference", "lr_of": "tdc-ref"}
         tbn = {"kind": "tokenbridge", "bits": nb, "own_rate": True}
-        rows[f"tdc-tb{nb}+gq"] = {"train": f"tdc-tb{nb}", **conv, "K": 2 ** nb, "m": 1, "own_rate": True,
-                                  "label": f"(b) TDC (band rule) per channel (m = 1, K = 2^{nb}) fine-tune + GQ"}
+        for t, rule in ((f"tdc-tb{nb}", "band rule"), (f"tdc-ref-tb{nb}", "authors' rule")):
+            rows[f"{t}+gq"] = {"train": t, **conv, "K": 2 ** nb, "m": 1, "own_rate": True,
+                               "label": f"(b) TDC ({rule}) per channel (m = 1, K = 2^{nb}) fine-tune + GQ"}
         for t, what in (("pretrain", "the pretrained VAE"), ("vanilla-fixed", "the vanilla (fixed KL) fine-tune"),
-                        (f"tdc-tb{nb}", f"the per-channel TDC (K = 2^{nb}) fine-tune")):
+                        (f"tdc-tb{nb}", f"the per-channel TDC (K = 2^{nb}) fine-tune"),
+                        (f"tdc-ref-tb{nb}", f"the per-channel TDC (authors' rule, K = 2^{nb}) fine-tune")):
             rows[f"tokenbridge-b{nb}-{'pre' if t == 'pretrain' else t}"] = {"train": t, **tbn,
                                                                            "label": f"(d) TokenBridge at {nb} bits per channel on {what}"}
     return finetunes, rows
